@@ -1,0 +1,279 @@
+"""Helpers shared by the scripts: seeding, atomic checkpoints, RNG state capture, learning-rate
+schedules, logging, and the torch.distributed plumbing used under torchrun."""
+import io
+import logging
+import os
+import pickle
+import random
+import sys
+
+import numpy as np
+import torch
+import torch.distributed as dist
+
+
+# ----------------------------------------------------------------------------- seeding / parsing
+
+def set_seed(seed):
+    """Seeds python, numpy and torch (all devices) with `seed`."""
+    random.seed(seed)
+    np.random.seed(seed % (2 ** 32))
+    torch.manual_seed(seed)
+    if torch.cuda.is_available():
+        torch.cuda.manual_seed_all(seed)
+
+
+_TRUE = {'true', 'yes', 'y', '1', 't', 'on'}
+_FALSE = {'false', 'no', 'n', '0', 'f', 'off'}
+
+
+def str2bool(v):
+    """Parses a boolean word the way the original scripts did (`--resume True`).
+
+    Accepts true/false, yes/no, y/n, t/f, on/off, 1/0 in any case; a bool passes through.
+    Raises ValueError naming the value otherwise (argparse turns it into a usage error).
+    """
+    if isinstance(v, bool):
+        return v
+    s = str(v).strip().lower()
+    if s in _TRUE:
+        return True
+    if s in _FALSE:
+        return False
+    raise ValueError("expected a boolean word (true/false, yes/no, 1/0), got {!r}".format(v))
+
+
+# ----------------------------------------------------------------------------- checkpoints
+
+def save_checkpoint(state, path):
+    """Writes `state` (any torch-serialisable object) to `path` atomically.
+
+    The bytes go to a temporary file in the same folder, are fsync-ed, and then replace `path`
+    with os.replace, so a crash mid-write leaves the previous checkpoint intact.
+    """
+    path = os.path.abspath(path)
+    folder = os.path.dirname(path)
+    os.makedirs(folder, exist_ok=True)
+    tmp = '{}.tmp.{}'.format(path, os.getpid())
+    try:
+        with open(tmp, 'wb') as f:
+            torch.save(state, f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+    try:  # make the rename itself durable
+        fd = os.open(folder, os.O_RDONLY)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+    except OSError:
+        pass
+
+
+def load_checkpoint(path, map_location='cpu'):
+    """Reads a checkpoint written by save_checkpoint. FileNotFoundError names the path."""
+    if not os.path.isfile(path):
+        raise FileNotFoundError('checkpoint file not found: {}'.format(path))
+    try:
+        return torch.load(path, map_location=map_location, weights_only=False)
+    except TypeError:  # torch without the weights_only keyword
+        return torch.load(path, map_location=map_location)
+
+
+def get_rng_state():
+    """Captures python, numpy, torch CPU and (when present) CUDA generator states."""
+    state = {
+        'python': random.getstate(),
+        'numpy': np.random.get_state(),
+        'torch': torch.get_rng_state(),
+    }
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        state['cuda'] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def set_rng_state(state):
+    """Restores the states captured by get_rng_state (missing entries are left alone)."""
+    if 'python' in state:
+        random.setstate(state['python'])
+    if 'numpy' in state:
+        np.random.set_state(state['numpy'])
+    if 'torch' in state:
+        torch.set_rng_state(torch.as_tensor(state['torch'], dtype=torch.uint8).cpu())
+    if 'cuda' in state and torch.cuda.is_available():
+        cuda_states = state['cuda']
+        if len(cuda_states) == torch.cuda.device_count():
+            torch.cuda.set_rng_state_all([torch.as_tensor(s, dtype=torch.uint8).cpu() for s in cuda_states])
+
+
+# ----------------------------------------------------------------------------- lr schedules
+
+def exp_decay_lr(base_lr, epoch, exp_decay_at_epoch, total_epochs, final_ratio=1e-3):
+    """Learning rate of the original `exp` schedule for 1-based `epoch`.
+
+    The base rate is kept up to epoch `exp_decay_at_epoch - 1`; from there it decays
+    exponentially, reaching `final_ratio * base_lr` at epoch `total_epochs`:
+        lr = base_lr * final_ratio ** ((epoch + 1 - exp_decay_at_epoch) / (total_epochs + 1 - exp_decay_at_epoch))
+    (the original's formula; with the published 151 / 300 the rate starts falling at epoch 151).
+    """
+    if epoch < exp_decay_at_epoch:
+        return base_lr
+    span = total_epochs + 1 - exp_decay_at_epoch
+    if span <= 0:
+        return base_lr * final_ratio
+    return base_lr * final_ratio ** (float(epoch + 1 - exp_decay_at_epoch) / span)
+
+
+def staircase_lr(base_lr, epoch, decay_at_epochs, factor):
+    """Learning rate of the `staircase` schedule for 1-based `epoch`: base_lr times `factor`
+    once for every entry of `decay_at_epochs` that is <= epoch."""
+    n = sum(1 for e in decay_at_epochs if epoch >= e)
+    return base_lr * factor ** n
+
+
+def lr_at_epoch(schedule, base_lr, epoch, total_epochs, exp_decay_at_epoch=151,
+                staircase_decay_at_epochs=(101, 201), staircase_decay_multiply_factor=0.1):
+    """Dispatches to the named schedule ('exp' or 'staircase'); epochs are 1-based."""
+    if schedule == 'exp':
+        return exp_decay_lr(base_lr, epoch, exp_decay_at_epoch, total_epochs)
+    if schedule == 'staircase':
+        return staircase_lr(base_lr, epoch, staircase_decay_at_epochs, staircase_decay_multiply_factor)
+    raise ValueError("unknown lr schedule {!r}; choose 'exp' or 'staircase'".format(schedule))
+
+
+def set_lr(optimizer, lr):
+    """Sets the learning rate of every parameter group."""
+    for g in optimizer.param_groups:
+        g['lr'] = lr
+
+
+# ----------------------------------------------------------------------------- distributed
+
+def init_distributed(device='cuda'):
+    """Starts torch.distributed when launched by torchrun (WORLD_SIZE > 1 in the environment).
+
+    Uses NCCL for CUDA devices and gloo otherwise. Returns (rank, world_size, local_rank);
+    (0, 1, 0) for a plain single-process run.
+    """
+    world_size = int(os.environ.get('WORLD_SIZE', '1'))
+    if world_size <= 1:
+        return 0, 1, 0
+    rank = int(os.environ['RANK'])
+    local_rank = int(os.environ.get('LOCAL_RANK', '0'))
+    if not dist.is_initialized():
+        backend = 'nccl' if str(device).startswith('cuda') else 'gloo'
+        if backend == 'nccl':
+            torch.cuda.set_device(local_rank)
+        dist.init_process_group(backend=backend, init_method='env://')
+    return rank, world_size, local_rank
+
+
+def is_dist():
+    return dist.is_available() and dist.is_initialized()
+
+
+def get_rank():
+    return dist.get_rank() if is_dist() else 0
+
+
+def get_world_size():
+    return dist.get_world_size() if is_dist() else 1
+
+
+def is_main():
+    """True on rank 0 (and in a single-process run): the only rank that logs and writes."""
+    return get_rank() == 0
+
+
+def barrier():
+    if is_dist():
+        dist.barrier()
+
+
+def cleanup_distributed():
+    if is_dist():
+        dist.destroy_process_group()
+
+
+def all_gather_object(obj):
+    """Gathers any picklable object from every rank; returns the list ordered by rank.
+
+    Objects of any (and different) size are fine: they are pickled, padded to the longest,
+    and gathered as byte tensors on the process group's device.
+    """
+    if not is_dist():
+        return [obj]
+    world = dist.get_world_size()
+    backend = dist.get_backend()
+    device = torch.device('cuda', torch.cuda.current_device()) if backend == 'nccl' else torch.device('cpu')
+    buf = io.BytesIO()
+    pickle.dump(obj, buf, protocol=pickle.HIGHEST_PROTOCOL)
+    data = torch.frombuffer(bytearray(buf.getvalue()), dtype=torch.uint8).to(device)
+    size = torch.tensor([data.numel()], dtype=torch.long, device=device)
+    sizes = [torch.zeros_like(size) for _ in range(world)]
+    dist.all_gather(sizes, size)
+    max_size = int(max(s.item() for s in sizes))
+    padded = torch.zeros(max_size, dtype=torch.uint8, device=device)
+    padded[:data.numel()] = data
+    out = [torch.zeros(max_size, dtype=torch.uint8, device=device) for _ in range(world)]
+    dist.all_gather(out, padded)
+    return [pickle.loads(o[:int(s.item())].cpu().numpy().tobytes()) for o, s in zip(out, sizes)]
+
+
+def all_gather_arrays(array):
+    """Concatenates a numpy array (first axis may differ per rank) from all ranks, in rank order."""
+    parts = all_gather_object(np.asarray(array))
+    return np.concatenate(parts, axis=0)
+
+
+def all_gather_feature_dict(feats):
+    """Concatenates every array-valued entry of a feature dict (as from extract_features) over ranks.
+
+    Entries are numpy arrays or torch tensors sharing their first axis; they come back as numpy.
+    """
+    local = {k: (v.detach().cpu().numpy() if torch.is_tensor(v) else np.asarray(v)) for k, v in feats.items()}
+    parts = all_gather_object(local)
+    return {k: np.concatenate([p[k] for p in parts], axis=0) for k in local}
+
+
+def reduce_mean_scalars(values):
+    """Averages a dict of python floats over ranks (identity when not distributed)."""
+    if not is_dist() or not values:
+        return dict(values)
+    keys = sorted(values)
+    backend = dist.get_backend()
+    device = torch.device('cuda', torch.cuda.current_device()) if backend == 'nccl' else torch.device('cpu')
+    t = torch.tensor([float(values[k]) for k in keys], dtype=torch.float64, device=device)
+    dist.all_reduce(t)
+    t /= dist.get_world_size()
+    return {k: float(x) for k, x in zip(keys, t.tolist())}
+
+
+# ----------------------------------------------------------------------------- logging
+
+def setup_logging(log_file=None, name='aligned_reid', main_process=True):
+    """Returns a logger printing to stdout and, when `log_file` is given, appending to it.
+
+    On ranks other than 0 (`main_process=False`) the logger only shows warnings and writes no file.
+    Calling it again replaces the handlers, so scripts may call it once per run.
+    """
+    logger = logging.getLogger(name)
+    logger.propagate = False
+    for h in list(logger.handlers):
+        logger.removeHandler(h)
+        h.close()
+    logger.setLevel(logging.INFO if main_process else logging.WARNING)
+    fmt = logging.Formatter('%(asctime)s %(message)s', datefmt='%Y-%m-%d %H:%M:%S')
+    sh = logging.StreamHandler(sys.stdout)
+    sh.setFormatter(fmt)
+    logger.addHandler(sh)
+    if log_file and main_process:
+        os.makedirs(os.path.dirname(os.path.abspath(log_file)), exist_ok=True)
+        fh = logging.FileHandler(log_file)
+        fh.setFormatter(fmt)
+        logger.addHandler(fh)
+    return logger
