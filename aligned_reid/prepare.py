@@ -1,0 +1,455 @@
+"""Dataset preparation: raw item lists -> renamed images/ + partitions.pkl (shared by every
+data_set/*_prepare.py script), and the reader of the Market-1501 folder layout (Market, Duke, CUHK03-NP)."""
+import errno
+import os
+import random
+import re
+import shutil
+import warnings
+import zipfile
+from collections import Counter, defaultdict
+from typing import NamedTuple
+
+import numpy as np
+
+from aligned_reid.data import make_im_name, parse_im_name, validate_partitions, write_partitions
+
+IMAGE_EXTS = ('.jpg', '.jpeg', '.png', '.bmp')
+SPLITS = ('trainval', 'query', 'gallery', 'multi_query')
+TEST_MARKS = {'query': 0, 'gallery': 1, 'multi_query': 2}
+MARKET_SUBDIRS = {'bounding_box_train': 'trainval', 'query': 'query',
+                  'bounding_box_test': 'gallery', 'gt_bbox': 'multi_query'}
+FORMAT_VERSION = 1
+
+# Official statistics, checked when a full dataset is prepared (stats keys of compute_stats).
+OFFICIAL_COUNTS = {
+    'market1501': dict(trainval_ids=751, trainval_images=12936, query_ids=750, query_images=3368,
+                       gallery_images=15913),
+    'duke': dict(trainval_ids=702, trainval_images=16522, query_images=2228, gallery_images=17661),
+    'cuhk03_labeled': dict(trainval_ids=767, trainval_images=7368, query_ids=700, query_images=1400,
+                           gallery_images=5328),
+    'cuhk03_detected': dict(trainval_ids=767, trainval_images=7365, query_ids=700, query_images=1400,
+                            gallery_images=5332),
+    'msmt17': dict(trainval_ids=1041, trainval_images=32621, test_ids=3060, query_images=11659,
+                   gallery_images=82161, cameras=15),
+}
+
+# Market-1501: 0002_c1s1_000451_03.jpg; Duke: 0001_c2_f0046182.jpg; CUHK03-NP: 0001_c1_1.png.
+MARKET_NAME_RE = re.compile(r'^(-1|\d+)_c(\d+)(?:s\d+)?_[^/]*$')
+
+
+class Item(NamedTuple):
+    """One raw image: src is a file path, a ZipMember, or an H x W x 3 uint8 array (encoded to JPEG)."""
+    src: object
+    pid: int
+    cam: int
+    split: str  # one of SPLITS
+
+
+class ZipMember(NamedTuple):
+    """An image stored in a zip archive, read without extracting the archive."""
+    zip_path: str
+    member: str
+
+
+def is_image_name(name):
+    """True for image files; hidden files (macOS '._x.jpg', '.DS_Store') and Thumbs.db are not images."""
+    base = os.path.basename(name)
+    return not base.startswith('.') and base.lower().endswith(IMAGE_EXTS)
+
+
+def parse_market_name(name):
+    """'0002_c1s1_000451_03.jpg' -> (pid, cam); pid -1 is junk, 0 a distractor. ValueError naming the file."""
+    m = MARKET_NAME_RE.match(os.path.basename(name))
+    if m is None:
+        raise ValueError(f'cannot parse person id and camera from image name {name!r} '
+                         "(expected e.g. '0002_c1s1_000451_03.jpg' or '0001_c2_f0046182.jpg')")
+    return int(m.group(1)), int(m.group(2))
+
+
+# ----------------------------------------------------------------------------- writing
+
+def _check_save_dir(save_dir, overwrite, raw_paths=()):
+    """Refuse an existing prepared folder unless overwrite; with overwrite remove partitions.pkl
+    first (so an interrupted run never leaves a stale one), then images/."""
+    save_dir = os.path.abspath(os.path.expanduser(save_dir))
+    images = os.path.join(save_dir, 'images')
+    pkl = os.path.join(save_dir, 'partitions.pkl')
+    for raw in raw_paths:
+        raw_real = os.path.realpath(raw)
+        for own in (images, images + '.partial'):
+            own_real = os.path.realpath(own)
+            if raw_real == own_real or raw_real.startswith(own_real + os.sep):
+                raise ValueError(f'raw input {raw} lies inside the output folder {own}; '
+                                 'choose another --save_dir')
+    existing = [p for p in (pkl, images) if os.path.lexists(p)]
+    if existing and not overwrite:
+        raise FileExistsError(f'{save_dir} already holds a prepared dataset ({", ".join(existing)}); '
+                              'pass --overwrite (overwrite=True) to replace it')
+    os.makedirs(save_dir, exist_ok=True)
+    if os.path.lexists(pkl):
+        os.remove(pkl)
+    if os.path.isdir(images) and not os.path.islink(images):
+        shutil.rmtree(images)
+    elif os.path.lexists(images):
+        os.remove(images)
+    return save_dir
+
+
+def assign_names(items):
+    """New name per item: make_im_name(pid, cam, k) with k counting per (pid, cam) in item order."""
+    counter = Counter()
+    names = []
+    for it in items:
+        key = (it.pid, it.cam)
+        names.append(make_im_name(it.pid, it.cam, counter[key]))
+        counter[key] += 1
+    return names
+
+
+class _Writer:
+    """Materialises items: hard link when possible, else copy; arrays are encoded as JPEG."""
+
+    def __init__(self, link=True):
+        self.link = link
+        self.linked = self.copied = self.encoded = 0
+        self._zips = {}
+
+    def write(self, src, dst):
+        if isinstance(src, np.ndarray):
+            from PIL import Image
+            Image.fromarray(src).save(dst, format='JPEG', quality=95)
+            self.encoded += 1
+        elif isinstance(src, ZipMember):
+            zf = self._zips.get(src.zip_path)
+            if zf is None:
+                zf = self._zips[src.zip_path] = zipfile.ZipFile(src.zip_path)
+            with zf.open(src.member) as fin, open(dst, 'wb') as fout:
+                shutil.copyfileobj(fin, fout)
+            self.copied += 1
+        else:
+            if self.link:
+                try:
+                    os.link(src, dst)
+                    self.linked += 1
+                    return
+                except OSError as e:
+                    if not os.path.exists(src):
+                        raise FileNotFoundError(f'image listed but missing: {src}') from e
+                    if e.errno in (errno.EXDEV, errno.EPERM, errno.ENOTSUP, errno.EACCES):
+                        self.link = False  # another file system: copy from now on
+            try:
+                shutil.copyfile(src, dst)
+            except FileNotFoundError as e:
+                raise FileNotFoundError(f'image listed but missing: {src}') from e
+            self.copied += 1
+
+    def close(self):
+        for zf in self._zips.values():
+            zf.close()
+
+
+def write_images(items, names, images_dir, link=True):
+    """Writes every item to images_dir/<name>. Returns {'linked', 'copied', 'encoded'} counts."""
+    writer = _Writer(link=link)
+    try:
+        for it, name in zip(items, names):
+            writer.write(it.src, os.path.join(images_dir, name))
+    finally:
+        writer.close()
+    return dict(linked=writer.linked, copied=writer.copied, encoded=writer.encoded)
+
+
+def _ids2labels(pids):
+    return {int(pid): label for label, pid in enumerate(sorted(set(pids)))}
+
+
+def val_marks_for_identity(cams):
+    """Query/gallery marks for the images (in running-index order) of one validation identity.
+
+    Rule: the first image of each camera is a query (0) and the rest gallery (1), except that a
+    camera's query is turned into a gallery image when no gallery image of another camera would be
+    left to match it (cameras taken in increasing order). cams: list of camera ids. Returns marks."""
+    first = {}
+    for i, cam in enumerate(cams):
+        first.setdefault(cam, i)
+    marks = [1] * len(cams)
+    for i in first.values():
+        marks[i] = 0
+    gallery_per_cam = Counter(c for c, m in zip(cams, marks) if m == 1)
+    for cam in sorted(first):
+        others = sum(n for c, n in gallery_per_cam.items() if c != cam)
+        if others == 0:
+            marks[first[cam]] = 1
+            gallery_per_cam[cam] += 1
+    return marks
+
+
+def split_train_val(names, pids, cams, num_val_ids=100, seed=1):
+    """Holds out num_val_ids identities, drawn with random.Random(seed) from the ids seen by at
+    least two cameras, as a validation set marked by val_marks_for_identity.
+    Returns (train_names, val_names, val_marks)."""
+    cams_of = defaultdict(set)
+    for pid, cam in zip(pids, cams):
+        cams_of[pid].add(cam)
+    eligible = sorted(pid for pid, c in cams_of.items() if len(c) >= 2)
+    if num_val_ids < 0 or num_val_ids > len(eligible) or num_val_ids >= len(cams_of):
+        raise ValueError(f'num_val_ids={num_val_ids}: the training set has {len(cams_of)} identities, '
+                         f'{len(eligible)} of them seen by two or more cameras; at most '
+                         f'{min(len(eligible), len(cams_of) - 1)} can be held out for validation')
+    val_ids = set(random.Random(seed).sample(eligible, num_val_ids))
+    train_names, val_idx = [], defaultdict(list)
+    for i, (name, pid) in enumerate(zip(names, pids)):
+        if pid in val_ids:
+            val_idx[pid].append(i)
+        else:
+            train_names.append(name)
+    marks = {}
+    for idx in val_idx.values():
+        marks.update(zip(idx, val_marks_for_identity([cams[i] for i in idx])))
+    order = sorted(marks)
+    return train_names, [names[i] for i in order], [marks[i] for i in order]
+
+
+def build_partitions(items, names, dataset, num_val_ids=100, seed=1, trainval_only=False):
+    """The partitions.pkl dict (ARCHITECTURE section 4) for items already named by assign_names."""
+    by_split = defaultdict(list)
+    for it, name in zip(items, names):
+        by_split[it.split].append((name, it.pid, it.cam))
+    tv = by_split['trainval']
+    tv_names = [n for n, _, _ in tv]
+    tv_pids = [p for _, p, _ in tv]
+    part = dict(format_version=FORMAT_VERSION, dataset=dataset,
+                trainval_im_names=tv_names, trainval_ids2labels=_ids2labels(tv_pids))
+    if trainval_only:
+        return part
+    train_names, val_names, val_marks = split_train_val(
+        tv_names, tv_pids, [c for _, _, c in tv], num_val_ids=num_val_ids, seed=seed)
+    train_set = set(train_names)
+    part['train_im_names'] = train_names
+    part['train_ids2labels'] = _ids2labels(p for n, p in zip(tv_names, tv_pids) if n in train_set)
+    if val_names:  # num_val_ids=0: no validation keys (the contract has no empty lists)
+        part['val_im_names'] = val_names
+        part['val_marks'] = val_marks
+    test = [(n, TEST_MARKS[s]) for s in ('query', 'gallery', 'multi_query') for n, _, _ in by_split[s]]
+    part['test_im_names'] = [n for n, _ in test]
+    part['test_marks'] = [m for _, m in test]
+    return part
+
+
+def compute_stats(items):
+    """Counts per split: {split}_ids, {split}_images, plus test_ids, distractor_images, cameras."""
+    stats = {}
+    ids = defaultdict(set)
+    for it in items:
+        stats[it.split + '_images'] = stats.get(it.split + '_images', 0) + 1
+        ids[it.split].add(it.pid)
+    for split in SPLITS:
+        stats.setdefault(split + '_images', 0)
+        stats[split + '_ids'] = len(ids[split])
+    stats['test_ids'] = len((ids['query'] | ids['gallery']) - {0})
+    stats['distractor_images'] = sum(1 for it in items if it.pid == 0 and it.split != 'trainval')
+    stats['cameras'] = len({it.cam for it in items})
+    return stats
+
+
+def format_stats(dataset, stats, partitions):
+    """The statistics table printed after preparation."""
+    rows = [('trainval', stats['trainval_ids'], stats['trainval_images'])]
+    if 'train_im_names' in partitions:
+        val_marks = partitions.get('val_marks', [])
+        rows += [('train', len(partitions['train_ids2labels']), len(partitions['train_im_names'])),
+                 ('val query', '', val_marks.count(0)), ('val gallery', '', val_marks.count(1)),
+                 ('query', stats['query_ids'], stats['query_images']),
+                 ('gallery', stats['gallery_ids'], stats['gallery_images']),
+                 ('multi-query', stats['multi_query_ids'], stats['multi_query_images'])]
+        num_val = len({parse_im_name(n)[0] for n in partitions.get('val_im_names', [])})
+        rows[2] = ('val query', num_val, rows[2][2])
+    lines = [f'{dataset}: {stats["cameras"]} cameras', f'{"split":<12}{"ids":>8}{"images":>10}']
+    lines += [f'{name:<12}{ids!s:>8}{n:>10}' for name, ids, n in rows]
+    if stats.get('distractor_images'):
+        lines.append(f'(gallery includes {stats["distractor_images"]} distractor images, id 0)')
+    return '\n'.join(lines)
+
+
+def check_counts(stats, expected, dataset=''):
+    """Compares compute_stats counts with the expected (official) ones and issues one warning
+    naming every split that differs. Returns the list of mismatch messages (empty when all match)."""
+    problems = []
+    for key, want in (expected or {}).items():
+        got = stats.get(key)
+        if got != want:
+            split, _, what = key.rpartition('_')
+            problems.append(f'split {split or key!r}: {got} {what}, official {want}')
+    if problems:
+        warnings.warn(f'{dataset} counts differ from the official ones (not the full dataset?): '
+                      + '; '.join(problems), stacklevel=3)
+    return problems
+
+
+def write_prepared(items, save_dir, dataset, overwrite=False, num_val_ids=100, seed=1,
+                   expected=None, trainval_only=False, link=True, raw_paths=(), verbose=True):
+    """Writes <save_dir>/images/ and <save_dir>/partitions.pkl from a list of Items.
+
+    Images go to images.partial/ first, which is renamed to images/ when complete; partitions.pkl
+    is written last and atomically, so an interrupted run never leaves one that looks complete.
+    Returns the partitions dict."""
+    for split in (('trainval',) if trainval_only else ('trainval', 'query', 'gallery')):
+        if not any(it.split == split for it in items):
+            raise ValueError(f'{dataset}: the {split} split is empty')
+    names = assign_names(items)
+    partitions = build_partitions(items, names, dataset, num_val_ids=num_val_ids, seed=seed,
+                                  trainval_only=trainval_only)
+    validate_partitions(partitions, source=f'{dataset} (before writing {save_dir})')
+    save_dir = _check_save_dir(save_dir, overwrite, raw_paths)
+    images = os.path.join(save_dir, 'images')
+    partial = images + '.partial'
+    if os.path.lexists(partial):
+        shutil.rmtree(partial)
+    os.makedirs(partial)
+    try:
+        how = write_images(items, names, partial, link=link)
+    except BaseException:
+        shutil.rmtree(partial, ignore_errors=True)
+        raise
+    os.replace(partial, images)
+    write_partitions(partitions, os.path.join(save_dir, 'partitions.pkl'))
+    stats = compute_stats(items)
+    if verbose:
+        print(format_stats(dataset, stats, partitions))
+        print(f'{len(items)} images in {images} ({how["linked"]} hard links, {how["copied"]} copies, '
+              f'{how["encoded"]} encoded); partitions in {os.path.join(save_dir, "partitions.pkl")}')
+    if expected:
+        problems = check_counts(stats, expected, dataset)
+        if verbose and not problems:
+            print(f'official counts check: OK ({", ".join(f"{k}={v}" for k, v in expected.items())})')
+    return partitions
+
+
+# ----------------------------------------------------------------------------- Market-1501 layout
+
+def _walk_dirs(raw, max_depth=3):
+    """Folders under raw, breadth first, down to max_depth levels (macOS __MACOSX skipped)."""
+    level = [raw]
+    for _ in range(max_depth + 1):
+        yield from level
+        level = [e.path for d in level for e in sorted(os.scandir(d), key=lambda e: e.name)
+                 if e.is_dir() and e.name != '__MACOSX']
+
+
+def _list_market_root(raw, subset=None):
+    """Finds the folder holding bounding_box_train/ bounding_box_test/ query/ (gt_bbox/ optional),
+    optionally below a subset folder (CUHK03-NP 'labeled'/'detected'), in a folder or a zip.
+    Returns {subdir: sorted list of (basename, src)}."""
+    required = ('bounding_box_train', 'bounding_box_test', 'query')
+    want = [s for s in MARKET_SUBDIRS]
+    if zipfile.is_zipfile(raw):
+        files = defaultdict(list)  # dir path in zip -> [member]
+        with zipfile.ZipFile(raw) as zf:
+            for member in zf.namelist():
+                if member.endswith('/') or member.startswith('__MACOSX/'):
+                    continue
+                files[os.path.dirname(member)].append(member)
+        parents = {os.path.dirname(d) for d in files if os.path.basename(d) == 'bounding_box_train'}
+        if subset:
+            parents = {p for p in parents if os.path.basename(p) == subset}
+        if not parents:
+            where = f"a '{subset}/bounding_box_train/' folder" if subset else "a 'bounding_box_train/' folder"
+            raise ValueError(f'{raw}: no {where} in the zip (expected the Market-1501 layout)')
+        root = min(parents, key=len)
+        result = {}
+        for sub in want:
+            d = f'{root}/{sub}' if root else sub
+            if d not in files:
+                if sub in required:
+                    raise ValueError(f'{raw}: missing subfolder {d}/ in the zip')
+                continue
+            result[sub] = sorted((os.path.basename(m), ZipMember(raw, m)) for m in files[d])
+        return result
+    if not os.path.isdir(raw):
+        raise FileNotFoundError(f'raw dataset not found: {raw} (neither a folder nor a zip file)')
+    dirs = list(_walk_dirs(raw))
+    roots = [d for d in dirs if os.path.isdir(os.path.join(d, 'bounding_box_train'))
+             and (not subset or os.path.basename(d) == subset)]
+    if not roots:
+        partial = [d for d in dirs if any(os.path.isdir(os.path.join(d, s)) for s in required)
+                   and (not subset or os.path.basename(d) == subset)]
+        base = partial[0] if partial else os.path.join(raw, subset or '')
+        missing = [s for s in required if not os.path.isdir(os.path.join(base, s))]
+        raise ValueError(f'{raw}: wrong layout, missing subfolder '
+                         + ', '.join(os.path.join(base, s) + '/' for s in missing)
+                         + ' (expected bounding_box_train/, bounding_box_test/, query/)')
+    root = roots[0]
+    result = {}
+    for sub in want:
+        d = os.path.join(root, sub)
+        if not os.path.isdir(d):
+            if sub in required:
+                raise ValueError(f'{raw}: wrong layout, missing subfolder {d}/')
+            continue
+        result[sub] = sorted((e.name, e.path) for e in os.scandir(d) if e.is_file())
+    return result
+
+
+def market_layout_items(raw, subset=None, use_gt_bbox=True):
+    """Items of a Market-1501-layout dataset (folder or zip). Junk (id -1) is dropped, distractors
+    (id 0) stay in the gallery, gt_bbox/ images are kept only for the (id, camera) pairs of the
+    queries (multi-query). Returns (items, num_junk)."""
+    listing = _list_market_root(raw, subset)
+    items, junk = [], 0
+    for sub, split in MARKET_SUBDIRS.items():
+        if sub not in listing or (split == 'multi_query' and not use_gt_bbox):
+            continue
+        n_before = len(items)
+        for base, src in listing[sub]:
+            if not is_image_name(base):
+                continue
+            try:
+                pid, cam = parse_market_name(base)
+            except ValueError as e:
+                raise ValueError(f'{sub}/{base}: {e}') from None
+            if pid == -1:
+                junk += 1
+                continue
+            if pid == 0 and split != 'gallery':
+                raise ValueError(f'{sub}/{base}: distractor id 0000 outside bounding_box_test/')
+            items.append(Item(src, pid, cam, split))
+        if len(items) == n_before and split != 'multi_query':
+            raise ValueError(f'{raw}: subfolder {sub}/ holds no usable images')
+    query_pairs = {(it.pid, it.cam) for it in items if it.split == 'query'}
+    items = [it for it in items if it.split != 'multi_query' or (it.pid, it.cam) in query_pairs]
+    return items, junk
+
+
+def prepare_market_layout(raw, save_dir, dataset='market1501', overwrite=False, num_val_ids=100,
+                          seed=1, expected=None, use_gt_bbox=True, subset=None, link=True,
+                          verbose=True):
+    """Prepares a dataset in the Market-1501 layout (zip file or folder; Market-1501, DukeMTMC-reID,
+    CUHK03-NP with subset='labeled'|'detected', the synthetic set) into <save_dir>/images/ and
+    <save_dir>/partitions.pkl; the raw input is never modified. Prints the statistics table and,
+    when expected is given (a dict of compute_stats counts), warns for each count that differs.
+    Returns the partitions dict."""
+    raw = os.path.abspath(os.path.expanduser(raw))
+    if not os.path.exists(raw):
+        raise FileNotFoundError(f'raw dataset not found: {raw}')
+    items, junk = market_layout_items(raw, subset=subset, use_gt_bbox=use_gt_bbox)
+    if verbose and junk:
+        print(f'{dataset}: dropped {junk} junk images (id -1)')
+    return write_prepared(items, save_dir, dataset, overwrite=overwrite, num_val_ids=num_val_ids,
+                          seed=seed, expected=expected, link=link, raw_paths=(raw,), verbose=verbose)
+
+
+def resolve_raw(raw_dir, zip_file, default_dir, default_zip):
+    """The raw input a prepare script uses: --raw_dir, else --zip_file, else the extracted default
+    folder when it exists, else the default zip. FileNotFoundError naming what was looked for."""
+    for path in (raw_dir, zip_file):
+        if path:
+            path = os.path.expanduser(path)
+            if not os.path.exists(path):
+                raise FileNotFoundError(f'raw dataset not found: {path}')
+            return path
+    for path in (default_dir, default_zip):
+        if path and os.path.exists(os.path.expanduser(path)):
+            return os.path.expanduser(path)
+    raise FileNotFoundError(f'raw dataset not found: looked for {default_dir} and {default_zip}; '
+                            'download it there or pass --raw_dir / --zip_file')
