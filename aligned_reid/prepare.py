@@ -69,9 +69,9 @@ def parse_market_name(name):
 
 # ----------------------------------------------------------------------------- writing
 
-def _check_save_dir(save_dir, overwrite, raw_paths=()):
-    """Refuse an existing prepared folder unless overwrite; with overwrite remove partitions.pkl
-    first (so an interrupted run never leaves a stale one), then images/."""
+def check_save_dir(save_dir, overwrite=False, raw_paths=()):
+    """Refuses (FileExistsError) a save_dir that already holds images/ or partitions.pkl unless
+    overwrite, and (ValueError) raw inputs inside the folders a run replaces. Returns abs save_dir."""
     save_dir = os.path.abspath(os.path.expanduser(save_dir))
     images = os.path.join(save_dir, 'images')
     pkl = os.path.join(save_dir, 'partitions.pkl')
@@ -86,6 +86,13 @@ def _check_save_dir(save_dir, overwrite, raw_paths=()):
     if existing and not overwrite:
         raise FileExistsError(f'{save_dir} already holds a prepared dataset ({", ".join(existing)}); '
                               'pass --overwrite (overwrite=True) to replace it')
+    return save_dir
+
+
+def _clear_save_dir(save_dir):
+    """Removes partitions.pkl first (so an interrupted run never leaves a stale one), then images/."""
+    images = os.path.join(save_dir, 'images')
+    pkl = os.path.join(save_dir, 'partitions.pkl')
     os.makedirs(save_dir, exist_ok=True)
     if os.path.lexists(pkl):
         os.remove(pkl)
@@ -93,7 +100,6 @@ def _check_save_dir(save_dir, overwrite, raw_paths=()):
         shutil.rmtree(images)
     elif os.path.lexists(images):
         os.remove(images)
-    return save_dir
 
 
 def assign_names(items):
@@ -294,6 +300,7 @@ def write_prepared(items, save_dir, dataset, overwrite=False, num_val_ids=100, s
     Images go to images.partial/ first, which is renamed to images/ when complete; partitions.pkl
     is written last and atomically, so an interrupted run never leaves one that looks complete.
     Returns the partitions dict."""
+    save_dir = check_save_dir(save_dir, overwrite, raw_paths)
     for split in (('trainval',) if trainval_only else ('trainval', 'query', 'gallery')):
         if not any(it.split == split for it in items):
             raise ValueError(f'{dataset}: the {split} split is empty')
@@ -301,7 +308,7 @@ def write_prepared(items, save_dir, dataset, overwrite=False, num_val_ids=100, s
     partitions = build_partitions(items, names, dataset, num_val_ids=num_val_ids, seed=seed,
                                   trainval_only=trainval_only)
     validate_partitions(partitions, source=f'{dataset} (before writing {save_dir})')
-    save_dir = _check_save_dir(save_dir, overwrite, raw_paths)
+    _clear_save_dir(save_dir)
     images = os.path.join(save_dir, 'images')
     partial = images + '.partial'
     if os.path.lexists(partial):
@@ -432,6 +439,7 @@ def prepare_market_layout(raw, save_dir, dataset='market1501', overwrite=False, 
     raw = os.path.abspath(os.path.expanduser(raw))
     if not os.path.exists(raw):
         raise FileNotFoundError(f'raw dataset not found: {raw}')
+    check_save_dir(save_dir, overwrite, raw_paths=(raw,))  # before the (long) reading of the input
     items, junk = market_layout_items(raw, subset=subset, use_gt_bbox=use_gt_bbox)
     if verbose and junk:
         print(f'{dataset}: dropped {junk} junk images (id -1)')
