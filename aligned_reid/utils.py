@@ -1,6 +1,7 @@
 """Helpers shared by the scripts: seeding, atomic checkpoints, RNG state capture, learning-rate
 schedules, logging, and the torch.distributed plumbing used under torchrun."""
 import io
+import json
 import logging
 import os
 import pickle
@@ -277,3 +278,54 @@ def setup_logging(log_file=None, name='aligned_reid', main_process=True):
         fh.setFormatter(fmt)
         logger.addHandler(fh)
     return logger
+
+
+# ----------------------------------------------------------------------------- experiment paths
+
+# Where each dataset's prepare script writes by default (its --save_dir), relative to the home folder.
+DATASET_DIRS = {
+    'market1501': 'Dataset/market1501',
+    'duke': 'Dataset/duke',
+    'cuhk03': 'Dataset/cuhk03/detected',
+    'cuhk03_detected': 'Dataset/cuhk03/detected',
+    'cuhk03_labeled': 'Dataset/cuhk03/labeled',
+    'msmt17': 'Dataset/msmt17',
+    'combined': 'Dataset/combined',
+    'synthetic': 'Dataset/synthetic',
+}
+
+
+def default_partitions_path(dataset):
+    """~/Dataset/<name>/partitions.pkl (cuhk03: the detected set). ValueError for an unknown name."""
+    if dataset not in DATASET_DIRS:
+        raise ValueError('unknown dataset {!r}; choose one of {}'.format(dataset, ', '.join(DATASET_DIRS)))
+    return os.path.join(os.path.expanduser('~'), DATASET_DIRS[dataset], 'partitions.pkl')
+
+
+def default_exp_dir(train_dataset):
+    """exp/train/<train_dataset>, relative to the current folder: train.py writes there and test.py
+    looks there, so run both from the same folder (or pass --exp_dir to both)."""
+    return os.path.join('exp', 'train', train_dataset)
+
+
+def write_json(obj, path):
+    """Writes `obj` as indented JSON, atomically (temporary file, then os.replace)."""
+    tmp = '{}.tmp.{}'.format(path, os.getpid())
+    with open(tmp, 'w') as f:
+        json.dump(obj, f, indent=2, sort_keys=True)
+    os.replace(tmp, path)
+
+
+def metrics_summary(results):
+    """Plain-float summary of aligned_reid.evaluation.evaluate results for metrics.json:
+    name -> rank1, rank5, rank10, mAP, cmc (to rank 50), and mINP / query counts when present."""
+    out = {}
+    for name, r in results.items():
+        cmc = np.asarray(r['cmc'], dtype=float)
+        row = {'rank1': float(cmc[0]), 'rank5': float(cmc[min(4, len(cmc) - 1)]),
+               'rank10': float(cmc[min(9, len(cmc) - 1)]), 'mAP': float(r['mAP']), 'cmc': cmc[:50].tolist()}
+        for k in ('mINP', 'num_valid_queries', 'num_skipped'):
+            if k in r:
+                row[k] = float(r[k])
+        out[name] = row
+    return out

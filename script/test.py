@@ -1,0 +1,205 @@
+"""Tests a model trained by train.py on a prepared dataset (the same one or another: cross-dataset),
+with global / local / global+local distances and optional re-ranking; prints the table, writes metrics."""
+import argparse
+import os
+import sys
+
+import torch
+
+from aligned_reid import data, utils
+from aligned_reid.model import Model
+
+DISTANCES = {'global': ('global',), 'local': ('local',), 'global_local': ('global_local',),
+             'all': ('global', 'local', 'global_local')}
+MODEL_FLAGS = ('base_model', 'last_stride', 'local_conv_out_channels', 'resize_h_w', 'normalize_feature')
+MODEL_DEFAULTS = {'base_model': 'resnet50', 'last_stride': 2, 'local_conv_out_channels': 128,
+                  'resize_h_w': [256, 128], 'normalize_feature': False}
+
+
+def boolean(v):
+    """argparse type for the original's `true/false` words."""
+    return utils.str2bool(v)
+
+
+def build_parser():
+    p = argparse.ArgumentParser(description=__doc__)
+    p.add_argument('--onlytest', '--only_test', dest='onlytest', type=boolean, default=True,
+                   help="accepted for the original's command line; test.py always only tests. Default: true")
+    p.add_argument('--to_re_rank', type=boolean, default=True,
+                   help='also report k-reciprocal re-ranked results (true/false). Default: true')
+    p.add_argument('--train_dataset', default='market1501',
+                   help='dataset the model was trained on: finds its experiment folder exp/train/<name>. '
+                        'Default: market1501')
+    p.add_argument('--test_dataset', default=None,
+                   help='dataset to test on; names the default partitions path ~/Dataset/<name>/partitions.pkl. '
+                        'Default: the train dataset')
+    p.add_argument('--test_partitons', '--test_partitions', '--test_dataset_partitions', dest='test_partitions',
+                   default=None, help='partitions.pkl of the test set (all three spellings accepted). '
+                                      'Default: ~/Dataset/<test_dataset>/partitions.pkl')
+    p.add_argument('--exp_dir', default=None,
+                   help='experiment folder of the trained model; results are written here. '
+                        'Default: exp/train/<train_dataset> under the current folder')
+    p.add_argument('--model_weight_file', default=None,
+                   help='checkpoint or bare state_dict to test. Default: <exp_dir>/ckpt.pth')
+    p.add_argument('--test_distance', choices=tuple(DISTANCES), default='global',
+                   help='distance(s) to rank with: global, local, global_local (their sum) or all. Default: global')
+    p.add_argument('--ap_mode', choices=('standard', 'market_official'), default='standard',
+                   help='AP formula: non-interpolated (standard) or the trapezoid one of the official '
+                        'Market-1501 code. Default: standard')
+    p.add_argument('--multi_query', choices=('none', 'avg', 'max'), default='none',
+                   help="Market-1501 multi-query: pool the query's gt_bbox images (mark 2) by average or max. "
+                        'Default: none')
+    p.add_argument('--flip', type=boolean, default=False,
+                   help='average features of the image and its mirror (true/false). Default: false')
+    p.add_argument('--test_batch_size', '--batch_size', dest='test_batch_size', type=int, default=64,
+                   help='batch size of feature extraction. Default: 64')
+    p.add_argument('--workers', type=int, default=4, help='data loader worker processes. Default: 4')
+    p.add_argument('--device', default=None, help="'cpu', 'cuda' or 'cuda:N'. Default: cuda when available, else cpu")
+    p.add_argument('--amp', type=boolean, nargs='?', const=True, default=False,
+                   help='mixed-precision feature extraction on CUDA. Default: false')
+    p.add_argument('--num_vis_queries', type=int, default=0,
+                   help='draw the ranked lists of this many queries and the CMC curve. Default: 0 (none)')
+    p.add_argument('--vis_dir', default=None,
+                   help='folder of the pictures. Default: <exp_dir>/ranks_<test_dataset>')
+    g = p.add_argument_group('model (read from the checkpoint; give them only for a bare state_dict)')
+    g.add_argument('--base_model', choices=('resnet18', 'resnet34', 'resnet50', 'resnet101'), default=None,
+                   help='backbone. Default: from the checkpoint, else resnet50')
+    g.add_argument('--last_stride', type=int, choices=(1, 2), default=None,
+                   help='last stride. Default: from the checkpoint, else 2')
+    g.add_argument('--local_conv_out_channels', type=int, default=None,
+                   help='local feature channels. Default: from the checkpoint, else 128')
+    g.add_argument('--resize_h_w', type=int, nargs=2, default=None, metavar=('H', 'W'),
+                   help='input size. Default: from the checkpoint, else 256 128')
+    g.add_argument('--normalize_feature', type=boolean, default=None,
+                   help='L2-normalise features before distances. Default: from the checkpoint, else false')
+    return p
+
+
+def check_args(parser, args):
+    """Resolves default paths and stops with a message naming the flag on anything unusable."""
+    if args.test_dataset is None:
+        args.test_dataset = args.train_dataset
+    if args.test_partitions is None:
+        if args.test_dataset not in utils.DATASET_DIRS:
+            parser.error('--test_dataset {!r} is unknown: choose one of {} or give --test_partitons'.format(
+                args.test_dataset, ', '.join(utils.DATASET_DIRS)))
+        args.test_partitions = utils.default_partitions_path(args.test_dataset)
+    args.test_partitions = os.path.expanduser(args.test_partitions)
+    if args.exp_dir is None:
+        args.exp_dir = utils.default_exp_dir(args.train_dataset)
+    args.exp_dir = os.path.abspath(os.path.expanduser(args.exp_dir))
+    if args.model_weight_file is None:
+        args.model_weight_file = os.path.join(args.exp_dir, 'ckpt.pth')
+        if not os.path.isfile(args.model_weight_file):
+            parser.error('no trained model for --train_dataset {}: {} not found (train it, or give --exp_dir or '
+                         '--model_weight_file)'.format(args.train_dataset, args.model_weight_file))
+    elif not os.path.isfile(args.model_weight_file):
+        parser.error('--model_weight_file: file not found: {}'.format(args.model_weight_file))
+    if not os.path.isfile(args.test_partitions):
+        parser.error('--test_partitons: partitions file not found: {}'.format(args.test_partitions))
+    if args.device is None:
+        args.device = 'cuda' if torch.cuda.is_available() else 'cpu'
+    if args.device.startswith('cuda') and not torch.cuda.is_available():
+        parser.error('--device {}: CUDA is not available on this machine'.format(args.device))
+    if args.test_batch_size < 1 or args.workers < 0 or args.num_vis_queries < 0:
+        parser.error('--test_batch_size must be >= 1, --workers and --num_vis_queries >= 0')
+    return args
+
+
+def parse_args(argv=None):
+    parser = build_parser()
+    return check_args(parser, parser.parse_args(argv))
+
+
+def load_model(path, args, device):
+    """Builds the Model described by the checkpoint's saved arguments (command-line values win) and loads
+    its weights. Accepts a train.py checkpoint or a bare state_dict. Returns (model, resolved settings)."""
+    state = utils.load_checkpoint(path, map_location='cpu')
+    if isinstance(state, dict) and 'model' in state and isinstance(state['model'], dict):
+        weights, saved = state['model'], dict(state.get('args') or {})
+    elif isinstance(state, dict):
+        weights, saved = state, {}
+    else:
+        raise ValueError('{}: not a checkpoint or state_dict'.format(path))
+    weights = {(k[len('module.'):] if k.startswith('module.') else k): v for k, v in weights.items()}
+    cfg = {k: getattr(args, k) if getattr(args, k) is not None else saved.get(k, MODEL_DEFAULTS[k])
+           for k in MODEL_FLAGS}
+    model = Model(base=cfg['base_model'], last_stride=cfg['last_stride'],
+                  local_conv_out_channels=cfg['local_conv_out_channels'], num_classes=None, pretrained=False)
+    own = model.state_dict()
+    missing = [k for k in own if k not in weights]
+    if missing:
+        raise ValueError('{}: weights do not fit a {} model (missing {}{}); give --base_model / '
+                         '--local_conv_out_channels to match'.format(
+                             path, cfg['base_model'], ', '.join(missing[:3]), '...' if len(missing) > 3 else ''))
+    try:
+        model.load_state_dict({k: weights[k] for k in own})  # the ID classifier is not needed for testing
+    except RuntimeError as e:
+        raise ValueError('{}: weights do not fit a {} model: {}'.format(path, cfg['base_model'], e))
+    return model.to(device).eval(), cfg
+
+
+def evaluate(model, partitions, im_dir, cfg, args, device):
+    """Extracts test-split features and evaluates them. Returns (features, results, table)."""
+    from aligned_reid import evaluation
+    transform = data.build_transform(tuple(cfg['resize_h_w']), train=False)
+    loader = data.make_test_loader(im_dir, partitions['test_im_names'], partitions['test_marks'], transform,
+                                   batch_size=args.test_batch_size, workers=args.workers,
+                                   pin_memory=device.type == 'cuda')
+    feats = evaluation.extract_features(model, loader, device, flip=args.flip, amp=args.amp and device.type == 'cuda')
+    results = evaluation.evaluate(feats, distances=DISTANCES[args.test_distance], re_rank=args.to_re_rank,
+                                  ap_mode=args.ap_mode,
+                                  multi_query=None if args.multi_query == 'none' else args.multi_query,
+                                  normalize=cfg['normalize_feature'])
+    return feats, results, evaluation.format_table(results)
+
+
+def draw(feats, results, partitions, im_dir, args, cfg):
+    """Ranked-list pictures of the first queries and the CMC curve, through aligned_reid.visualize."""
+    from aligned_reid import evaluation, visualize
+    vis_dir = args.vis_dir or os.path.join(args.exp_dir, 'ranks_{}'.format(args.test_dataset))
+    os.makedirs(vis_dir, exist_ok=True)
+    distance = DISTANCES[args.test_distance][0]
+    marks = feats['marks']
+    q, g = marks == 0, marks == 1
+    q_feats = {k: v[q] for k, v in feats.items()}
+    g_feats = {k: v[g] for k, v in feats.items()}
+    distmat = evaluation.compute_dist(q_feats, g_feats, distance=distance, normalize=cfg['normalize_feature'])
+    names = [os.path.join(im_dir, n) for n in partitions['test_im_names']]
+    q_paths = [n for n, m in zip(names, marks) if m == 0]
+    g_paths = [n for n, m in zip(names, marks) if m == 1]
+    visualize.save_rank_lists(distmat, q_paths, g_paths, feats['ids'][q], feats['ids'][g], feats['cams'][q],
+                              feats['cams'][g], os.path.join(vis_dir, 'ranks.jpg'),
+                              num_queries=args.num_vis_queries)
+    visualize.plot_cmc({k: r['cmc'] for k, r in results.items()}, os.path.join(vis_dir, 'cmc.png'))
+    return vis_dir
+
+
+def main(args):
+    logger = utils.setup_logging(os.path.join(args.exp_dir, 'test.log'))
+    device = torch.device(args.device)
+    model, cfg = load_model(args.model_weight_file, args, device)
+    partitions = data.read_partitions(args.test_partitions)
+    if 'test_im_names' not in partitions:
+        raise SystemExit('test.py: {} has no test split (a combined training set?)'.format(args.test_partitions))
+    im_dir = data.partitions_images_dir(args.test_partitions)
+    logger.info('testing %s (%s) on %s (%s)', args.model_weight_file, cfg['base_model'], args.test_dataset,
+                args.test_partitions)
+    feats, results, table = evaluate(model, partitions, im_dir, cfg, args, device)
+    logger.info('train %s -> test %s, %s distance%s:\n%s', args.train_dataset, args.test_dataset,
+                args.test_distance, ', multi-query ' + args.multi_query if args.multi_query != 'none' else '',
+                table)
+    name = 'metrics.json' if args.test_dataset == args.train_dataset else 'metrics_{}.json'.format(args.test_dataset)
+    out = os.path.join(args.exp_dir, name)
+    utils.write_json({'train_dataset': args.train_dataset, 'test_dataset': args.test_dataset,
+                'test_partitions': args.test_partitions, 'model_weight_file': args.model_weight_file,
+                'test_distance': args.test_distance, 'ap_mode': args.ap_mode, 'multi_query': args.multi_query,
+                'results': utils.metrics_summary(results)}, out)
+    logger.info('metrics written to %s', out)
+    if args.num_vis_queries:
+        logger.info('pictures written to %s', draw(feats, results, partitions, im_dir, args, cfg))
+    return results
+
+
+if __name__ == '__main__':
+    main(parse_args())
