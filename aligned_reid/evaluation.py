@@ -1,0 +1,445 @@
+"""Test-time evaluation: feature extraction, query x gallery distances (global, local, global+local),
+the Market-1501 ranking protocol (CMC, mAP, mINP), multi-query pooling, evaluate() and its table."""
+
+import numpy as np
+import torch
+from tqdm import tqdm
+
+from .loss import batch_local_dist, local_dist
+
+DISTANCES = ('global', 'local', 'global_local')
+METRICS = ('euclidean', 'cosine')
+AP_MODES = ('standard', 'market_official')
+_BLOCK_ELEMENTS = 1 << 22     # ~4M matrix cells per row block in evaluate_rank / compute_dist
+
+
+# ----------------------------------------------------------------------------- features
+
+def extract_features(model, loader, device, flip=False, amp=False, progress=True):
+    """Run `model` over a test loader and collect its features in dataset order.
+
+    loader yields (images [B, 3, H, W], indices [B]) and loader.dataset has .ids .cams .marks
+    (aligned_reid.data.TestSet). The model returns a dict with 'global' [B, C] and (optionally)
+    'local' [B, h, c]. With flip=True the features of the horizontally flipped image are
+    averaged in (stripes stay in place: a horizontal flip does not move rows). amp=True runs the
+    model under autocast (features are returned as float32).
+
+    Returns a dict: 'global' np.float32 [N, C], 'local' np.float32 [N, h, c] (if the model gives
+    it), 'ids', 'cams', 'marks' np.int64 [N]."""
+    device = torch.device(device)
+    dataset = loader.dataset
+    n = len(dataset)
+    feats = {}
+    filled = np.zeros(n, dtype=bool)
+    was_training = model.training
+    model.eval()
+    try:
+        with torch.inference_mode():
+            for images, indices in tqdm(loader, desc='extract features', disable=not progress,
+                                        leave=False):
+                images = images.to(device, non_blocking=True)
+                with torch.autocast(device_type=device.type, enabled=amp):
+                    out = model(images)
+                    if flip:
+                        out_flip = model(torch.flip(images, dims=[3]))
+                idx = np.asarray(indices, dtype=np.int64)
+                for key in ('global', 'local'):
+                    if key not in out:
+                        continue
+                    f = out[key].float()
+                    if flip:
+                        f = (f + out_flip[key].float()) / 2.
+                    f = f.cpu().numpy()
+                    if key not in feats:
+                        feats[key] = np.zeros((n,) + f.shape[1:], dtype=np.float32)
+                    feats[key][idx] = f
+                filled[idx] = True
+    finally:
+        model.train(was_training)
+    if not filled.all():
+        raise ValueError(f"extract_features: the loader gave features for {int(filled.sum())} "
+                         f"of {n} images (does it drop the last batch or sample?)")
+    if 'global' not in feats:
+        raise ValueError("extract_features: the model output has no 'global' entry")
+    for key in ('ids', 'cams', 'marks'):
+        feats[key] = np.asarray(getattr(dataset, key), dtype=np.int64)
+    return feats
+
+
+def pool_multi_query(feats, mode='avg'):
+    """Market-1501 multi-query: each query's features pooled with the mark-2 images of the same
+    id and camera.
+
+    feats: dict from extract_features (marks 0 query, 1 gallery, 2 multi-query). Returns a new
+    dict of the same form holding only the queries (mark 0), whose 'global' [Q, C] and
+    'local' [Q, h, c] are the average (mode='avg') or element-wise max (mode='max') over the
+    query image and the multi-query images of its (id, camera); a query without such images
+    keeps its own features."""
+    if mode not in ('avg', 'max'):
+        raise ValueError(f"pool_multi_query: mode must be 'avg' or 'max', got {mode!r}")
+    marks, ids, cams = feats['marks'], feats['ids'], feats['cams']
+    q = np.flatnonzero(marks == 0)
+    mq = np.flatnonzero(marks == 2)
+    groups = {}
+    for j in mq:
+        groups.setdefault((int(ids[j]), int(cams[j])), []).append(j)
+    out = {'ids': ids[q], 'cams': cams[q], 'marks': marks[q]}
+    for key in ('global', 'local'):
+        if key not in feats:
+            continue
+        f = feats[key]
+        pooled = f[q].copy()
+        for row, i in enumerate(q):
+            extra = groups.get((int(ids[i]), int(cams[i])))
+            if not extra:
+                continue
+            stack = f[np.concatenate([[i], extra])]
+            pooled[row] = stack.mean(0) if mode == 'avg' else stack.max(0)
+        out[key] = pooled
+    return out
+
+
+# ----------------------------------------------------------------------------- distances
+
+def _as_tensor(x, device=None):
+    t = torch.as_tensor(x)
+    if device is not None:
+        t = t.to(device)
+    return t if t.is_floating_point() else t.float()
+
+
+def _get(feats, key, distance):
+    if isinstance(feats, dict):
+        if key not in feats:
+            raise ValueError(f"distance {distance!r} needs {key!r} features; the dict has "
+                             f"{sorted(feats)}")
+        return feats[key]
+    return feats
+
+
+def _normalize(x):
+    return x / x.norm(dim=-1, keepdim=True).clamp_min(1e-12)
+
+
+def _check_distance(distance, metric):
+    if distance not in DISTANCES:
+        raise ValueError(f"distance must be one of {DISTANCES}, got {distance!r}")
+    if metric not in METRICS:
+        raise ValueError(f"metric must be one of {METRICS}, got {metric!r}")
+    if metric == 'cosine' and distance != 'global':
+        raise ValueError(f"metric='cosine' applies to the global distance only, got "
+                         f"distance={distance!r}")
+
+
+def _global_block(x, y, normalize, metric):
+    """x [B, C], y [N, C] (tensors) -> [B, N]."""
+    if normalize or metric == 'cosine':
+        x, y = _normalize(x), _normalize(y)
+    if metric == 'cosine':
+        return 1. - x @ y.t()
+    d2 = (x * x).sum(1, keepdim=True) + (y * y).sum(1)[None] - 2. * (x @ y.t())
+    return d2.clamp_min_(0.).sqrt_()
+
+
+def compute_dist(q_feats, g_feats, distance='global', normalize=False, metric='euclidean',
+                 device=None, block_size=None):
+    """Query x gallery distance matrix -> np.float32 [Q, G].
+
+    q_feats, g_feats: dicts with 'global' [N, C] and/or 'local' [N, h, c] (numpy or torch),
+    or the feature array itself.
+    distance: 'global' (Euclidean between global features, on raw features or, with
+    normalize=True, L2-normalised ones; metric='cosine' gives 1 - cosine similarity),
+    'local' (AlignedReID aligned local distance, aligned_reid.loss.local_dist; normalize=True
+    L2-normalises each stripe first), or 'global_local' (their sum).
+    Rows are computed `block_size` queries at a time on `device` (default: the features')."""
+    _check_distance(distance, metric)
+    out = None
+    if distance in ('global', 'global_local'):
+        x = _as_tensor(_get(q_feats, 'global', distance), device)
+        y = _as_tensor(_get(g_feats, 'global', distance), device)
+        bs = block_size or max(1, _BLOCK_ELEMENTS // max(1, y.shape[0]))
+        out = np.empty((x.shape[0], y.shape[0]), dtype=np.float32)
+        for s in range(0, x.shape[0], bs):
+            out[s:s + bs] = _global_block(x[s:s + bs], y, normalize, metric).float().cpu().numpy()
+    if distance in ('local', 'global_local'):
+        x = _as_tensor(_get(q_feats, 'local', distance), device)
+        y = _as_tensor(_get(g_feats, 'local', distance), device)
+        if normalize:
+            x, y = _normalize(x), _normalize(y)
+        with torch.no_grad():
+            loc = local_dist(x, y, aligned=True).float().cpu().numpy()
+        out = loc if out is None else out + loc
+    return out
+
+
+def pair_dist(x_feats, y_feats, distance='global', normalize=False, metric='euclidean'):
+    """Distances between paired rows: x_feats[i] vs y_feats[i] -> torch.float32 [P].
+
+    The same definitions (and formulas) as compute_dist, for P explicit pairs."""
+    _check_distance(distance, metric)
+    out = None
+    if distance in ('global', 'global_local'):
+        x = _as_tensor(_get(x_feats, 'global', distance))
+        y = _as_tensor(_get(y_feats, 'global', distance)).to(x.device)
+        if normalize or metric == 'cosine':
+            x, y = _normalize(x), _normalize(y)
+        if metric == 'cosine':
+            out = 1. - (x * y).sum(1)
+        else:
+            d2 = (x * x).sum(1) + (y * y).sum(1) - 2. * (x * y).sum(1)
+            out = d2.clamp_min(0.).sqrt()
+    if distance in ('local', 'global_local'):
+        x = _as_tensor(_get(x_feats, 'local', distance))
+        y = _as_tensor(_get(y_feats, 'local', distance)).to(x.device)
+        if normalize:
+            x, y = _normalize(x), _normalize(y)
+        with torch.no_grad():
+            loc = batch_local_dist(x, y, aligned=True)
+        out = loc if out is None else out + loc
+    return out.float()
+
+
+# ----------------------------------------------------------------------------- ranking
+
+def _stable_row_order(dist):
+    """Row-wise ranking of dist [B, G]: ascending distance, ties broken by the lower gallery
+    index (what a stable sort gives). A fast unstable sort first; rows holding equal values
+    are re-sorted stably."""
+    order = np.argsort(dist, axis=1)
+    vals = np.take_along_axis(dist, order, axis=1)
+    tied = np.flatnonzero((vals[:, 1:] == vals[:, :-1]).any(1))
+    for r in tied:
+        order[r] = np.argsort(dist[r], kind='stable')
+    return order
+
+
+def _to_numpy(x, name, dtype=None):
+    if isinstance(x, torch.Tensor):
+        x = x.detach().cpu().numpy()
+    x = np.asarray(x)
+    if dtype is not None:
+        x = x.astype(dtype, copy=False)
+    return x
+
+
+def evaluate_rank(distmat, q_ids, g_ids, q_cams, g_cams, max_rank=50, ap_mode='standard',
+                  separate_camera_set=False, single_gallery_shot=False, first_match_break=True,
+                  repeats=10, seed=0, block_rows=None):
+    """CMC, mAP and mINP of a query x gallery distance matrix under the Market-1501 protocol.
+
+    distmat [Q, G] (smaller = more similar), q_ids/q_cams [Q], g_ids/g_cams [G].
+    Protocol, per query:
+      * gallery items with the query's id AND camera are removed, and so are junk items
+        (gallery id < 0, as the official Market-1501 code does); distractors (id 0) stay and
+        never match a query (query ids are > 0);
+      * separate_camera_set=True also removes every gallery item of the query's camera;
+      * the remaining gallery is ranked by ascending distance; equal distances are ordered by
+        gallery index (a stable sort), so results are deterministic;
+      * a query with no remaining match is skipped and counted in num_skipped.
+    CMC (first_match_break=True): cmc[k] = fraction of valid queries whose first match is within
+    the top k+1 (cmc[0] is Rank-1). With first_match_break=False (the classic CUHK03 form) each
+    of a query's n matches adds 1/n at its rank among the non-matches. single_gallery_shot=True
+    (CUHK03): for the CMC, one gallery item per identity is drawn at random among the kept
+    ones, `repeats` times with np.random.default_rng(seed), and the CMCs are averaged.
+    AP over all kept items (the single-shot draw does not touch it), with n good matches at
+    0-based kept positions r_1 < ... < r_n:
+      * ap_mode='standard': non-interpolated, AP = (1/n) sum_i i / (r_i + 1);
+      * ap_mode='market_official': trapezoid rule of the official Market-1501 evaluation code
+        (compute_AP.m), AP = (1/n) sum_i (p_old_i + i / (r_i + 1)) / 2 with
+        p_old_i = (i - 1) / r_i, or 1 if r_i == 0.
+    INP (Ye et al., mINP) = n / (r_n + 1).
+
+    Returns a dict: 'cmc' np.float64 [max_rank], 'mAP', 'mINP' (floats in [0, 1]), 'all_AP' and
+    'all_INP' [num_valid_queries], 'valid' bool [Q] (queries not skipped), 'num_valid_queries',
+    'num_skipped'."""
+    if ap_mode not in AP_MODES:
+        raise ValueError(f"ap_mode must be one of {AP_MODES}, got {ap_mode!r}")
+    distmat = _to_numpy(distmat, 'distmat')
+    if distmat.dtype not in (np.float32, np.float64):
+        distmat = distmat.astype(np.float64)
+    q_ids, g_ids = _to_numpy(q_ids, 'q_ids', np.int64), _to_numpy(g_ids, 'g_ids', np.int64)
+    q_cams, g_cams = _to_numpy(q_cams, 'q_cams', np.int64), _to_numpy(g_cams, 'g_cams', np.int64)
+    Q, G = distmat.shape if distmat.ndim == 2 else (None, None)
+    if distmat.ndim != 2 or q_ids.shape != (Q,) or q_cams.shape != (Q,) or \
+            g_ids.shape != (G,) or g_cams.shape != (G,):
+        raise ValueError(f"evaluate_rank: distmat {distmat.shape} does not fit q_ids "
+                         f"{q_ids.shape}, q_cams {q_cams.shape}, g_ids {g_ids.shape}, "
+                         f"g_cams {g_cams.shape}")
+    if max_rank < 1:
+        raise ValueError(f"evaluate_rank: max_rank must be >= 1, got {max_rank}")
+    if np.isnan(distmat).any():
+        raise ValueError("evaluate_rank: distmat holds NaN")
+    has_junk = bool((g_ids < 0).any())
+    block = block_rows or max(1, _BLOCK_ELEMENTS // max(1, G))
+
+    # Sparse events per block, keyed by row * G + sorted position.
+    good_rows, good_kept = [], []
+    ss_orders = {}
+    for s in range(0, Q, block):
+        e = min(Q, s + block)
+        order = _stable_row_order(distmat[s:e])                 # [B, G]
+        ids_sorted = g_ids[order]                               # [B, G]
+        r, p = np.nonzero(ids_sorted == q_ids[s:e, None])       # same id, row-major
+        same_cam = g_cams[order[r, p]] == q_cams[s + r]
+        removed_keys = [r[same_cam] * G + p[same_cam]]
+        if has_junk or separate_camera_set:
+            extra = np.zeros(order.shape, dtype=bool)
+            if has_junk:
+                extra |= ids_sorted < 0
+            if separate_camera_set:
+                extra |= g_cams[order] == q_cams[s:e, None]
+            rr, pp = np.nonzero(extra)
+            removed_keys.append(rr * G + pp)
+        removed = np.unique(np.concatenate(removed_keys))       # sorted
+        keys = r * G + p
+        is_good = ~np.isin(keys, removed, assume_unique=True)
+        keys, r, p = keys[is_good], r[is_good], p[is_good]
+        # kept position = sorted position - removed items before it in the same row
+        before = np.searchsorted(removed, keys) - np.searchsorted(removed, r * G)
+        good_rows.append(r + s)
+        good_kept.append(p - before)
+        if single_gallery_shot:
+            for row in np.unique(r):
+                ss_orders[s + row] = order[row]
+    rows = np.concatenate(good_rows)
+    kept = np.concatenate(good_kept).astype(np.float64)
+
+    num_good = np.bincount(rows, minlength=Q)
+    valid = num_good > 0
+    num_valid = int(valid.sum())
+    if num_valid == 0:
+        raise ValueError("evaluate_rank: no query has a matching gallery item under the "
+                         "protocol (check ids and cameras)")
+    starts = np.concatenate([[0], np.cumsum(num_good)[:-1]])    # first event of each row
+    i = np.arange(len(rows)) - starts[rows] + 1.                 # 1-based match index
+    precision = i / (kept + 1.)
+    if ap_mode == 'standard':
+        contrib = precision
+    else:
+        old = np.where(kept > 0, (i - 1.) / np.maximum(kept, 1.), 1.)
+        contrib = (old + precision) / 2.
+    ap = np.bincount(rows, weights=contrib, minlength=Q)[valid] / num_good[valid]
+    last = starts + num_good - 1
+    inp = num_good[valid] / (kept[last[valid]] + 1.)
+
+    cmc = np.zeros(max_rank, dtype=np.float64)
+    if single_gallery_shot:
+        cmc = _single_shot_cmc(ss_orders, q_ids, g_ids, g_cams, q_cams, has_junk,
+                               separate_camera_set, first_match_break, max_rank, repeats, seed)
+    elif first_match_break:
+        first = kept[starts[valid]].astype(np.int64)
+        cmc += np.bincount(np.minimum(first, max_rank), minlength=max_rank + 1)[:max_rank]
+    else:
+        shifted = (kept - (i - 1.)).astype(np.int64)            # rank among non-matches
+        w = 1. / num_good[rows]
+        inside = shifted < max_rank
+        cmc += np.bincount(shifted[inside], weights=w[inside], minlength=max_rank)
+    cmc = np.cumsum(cmc) / num_valid
+    return {'cmc': cmc, 'mAP': float(ap.mean()), 'mINP': float(inp.mean()), 'all_AP': ap,
+            'all_INP': inp, 'valid': valid, 'num_valid_queries': num_valid,
+            'num_skipped': int(Q - num_valid)}
+
+
+def _single_shot_cmc(orders, q_ids, g_ids, g_cams, q_cams, has_junk, separate_camera_set,
+                     first_match_break, max_rank, repeats, seed):
+    """CMC histogram (not yet cumulated) with one random gallery item per identity,
+    averaged over `repeats` draws; queries in ascending order, draws from one seeded rng."""
+    rng = np.random.default_rng(seed)
+    hist = np.zeros(max_rank, dtype=np.float64)
+    for qi in sorted(orders):
+        order = orders[qi]
+        ids = g_ids[order]
+        cams = g_cams[order]
+        keep = ~((ids == q_ids[qi]) & (cams == q_cams[qi]))
+        if has_junk:
+            keep &= ids >= 0
+        if separate_camera_set:
+            keep &= cams != q_cams[qi]
+        ids = ids[keep]                                         # kept gallery ids, ranked
+        for _ in range(repeats):
+            # one item per id: the one with the largest random key inside its id group
+            key = rng.random(len(ids))
+            by = np.lexsort((-key, ids))
+            first_of_id = np.ones(len(by), dtype=bool)
+            first_of_id[1:] = ids[by][1:] != ids[by][:-1]
+            picked = np.sort(by[first_of_id])                  # ranked positions of the draw
+            hits = np.flatnonzero(ids[picked] == q_ids[qi])
+            if first_match_break:
+                if hits[0] < max_rank:
+                    hist[hits[0]] += 1. / repeats
+            else:
+                for j, k in enumerate(hits):
+                    if k - j < max_rank:
+                        hist[k - j] += 1. / (len(hits) * repeats)
+    return hist
+
+
+# ----------------------------------------------------------------------------- evaluate
+
+def evaluate(feats, distances=('global',), re_rank=False, ap_mode='standard', multi_query=None,
+             normalize=False, metric='euclidean', max_rank=50, k1=20, k2=6, lambda_value=0.3,
+             device=None):
+    """From extract_features' dict to metrics for every requested distance.
+
+    feats: dict with 'global' / 'local' features and 'ids', 'cams', 'marks' (0 query,
+    1 gallery, 2 multi-query; mark 2 images are used only with multi_query='avg'|'max').
+    distances: names from ('global', 'local', 'global_local'). re_rank=True adds the
+    k-reciprocal re-ranked result (k1, k2, lambda_value) of each distance.
+    Returns {name: evaluate_rank dict}, names like 'global', 'global+re_rank'."""
+    from .re_ranking import re_ranking
+
+    if isinstance(distances, str):
+        distances = (distances,)
+    marks = np.asarray(feats['marks'])
+    q_sel, g_sel = marks == 0, marks == 1
+    if not q_sel.any() or not g_sel.any():
+        raise ValueError(f"evaluate: need mark 0 (query) and mark 1 (gallery) images, got "
+                         f"{int(q_sel.sum())} queries and {int(g_sel.sum())} gallery images")
+    pick = lambda sel: {k: v[sel] for k, v in feats.items() if k in ('global', 'local')}
+    if multi_query is not None:
+        q = pool_multi_query(feats, multi_query)
+        qf = {k: v for k, v in q.items() if k in ('global', 'local')}
+    else:
+        qf = pick(q_sel)
+    gf = pick(g_sel)
+    ids, cams = np.asarray(feats['ids']), np.asarray(feats['cams'])
+    q_ids, q_cams, g_ids, g_cams = ids[q_sel], cams[q_sel], ids[g_sel], cams[g_sel]
+    results = {}
+    for name in distances:
+        kw = dict(distance=name, normalize=normalize, metric=metric if name == 'global' else
+                  'euclidean', device=device)
+        q_g = compute_dist(qf, gf, **kw)
+        results[name] = evaluate_rank(q_g, q_ids, g_ids, q_cams, g_cams, max_rank=max_rank,
+                                      ap_mode=ap_mode)
+        if re_rank:
+            q_q = compute_dist(qf, qf, **kw)
+            g_g = compute_dist(gf, gf, **kw)
+            rr = re_ranking(q_g, q_q, g_g, k1=k1, k2=k2, lambda_value=lambda_value)
+            results[name + '+re_rank'] = evaluate_rank(rr, q_ids, g_ids, q_cams, g_cams,
+                                                       max_rank=max_rank, ap_mode=ap_mode)
+    return results
+
+
+def format_table(results):
+    """Markdown table in the form of the original README: one row per distance with Rank-1,
+    mAP, Rank-1 and mAP after re-ranking (when present), then Rank-5, Rank-10, mINP (%)."""
+    def pct(m, key):
+        if m is None:
+            return '-'
+        if key.startswith('r'):
+            k = int(key[1:])
+            return f"{100. * m['cmc'][k - 1]:.2f}" if len(m['cmc']) >= k else '-'
+        return f"{100. * m[key]:.2f}"
+
+    bases = [name for name in results if not name.endswith('+re_rank')]
+    bases += [name[:-len('+re_rank')] for name in results if name.endswith('+re_rank')
+              and name[:-len('+re_rank')] not in bases]
+    lines = ["|   | Rank-1 (%) | mAP (%) | Rank-1 (%) after Re-ranking | mAP (%) after Re-ranking "
+             "| Rank-5 (%) | Rank-10 (%) | mINP (%) |",
+             "| --- | :---: | :---: | :---: | :---: | :---: | :---: | :---: |"]
+    for name in bases:
+        m, rr = results.get(name), results.get(name + '+re_rank')
+        lines.append(f"| test with {name.replace('_', ' + ')} distance | {pct(m, 'r1')} | "
+                     f"{pct(m, 'mAP')} | {pct(rr, 'r1')} | {pct(rr, 'mAP')} | {pct(m, 'r5')} | "
+                     f"{pct(m, 'r10')} | {pct(m, 'mINP')} |")
+    return '\n'.join(lines)
