@@ -31,7 +31,7 @@ def _stripe_map(d2):
     """Squared stripe distances -> (e^d - 1) / (e^d + 1) of the distance d.
 
     (e^d - 1) / (e^d + 1) equals tanh(d / 2); tanh does not overflow for large d."""
-    return torch.tanh(d2.clamp_min(1e-12).sqrt() * 0.5)
+    return torch.tanh((d2 * 0.25).clamp_min(1e-12).sqrt())
 
 
 def _shortest_path_cells_first(dist):
@@ -105,22 +105,33 @@ def local_dist(x, y, block_size=None, aligned=True):
         block_size = max(1, _BLOCK_ELEMENTS // max(1, N * m * n))
     if block_size < 1:
         raise ValueError(f"local_dist: block_size must be >= 1, got {block_size}")
+    need_grad = torch.is_grad_enabled() and (x.requires_grad or y.requires_grad)
+    # Quarter squared distances, so that the grid holds (d / 2)^2 and tanh(d / 2) needs no scaling.
     ys = y.transpose(0, 1)                           # [n, N, d]
-    yy = ys.pow(2).sum(-1)                           # [n, N]
+    yy = ys.pow(2).sum(-1) * 0.25                    # [n, N]
+    y_flat = ys.reshape(n * N, -1)                   # [n * N, d]
     out = []
     for start in range(0, M, block_size):
         xs = x[start:start + block_size].transpose(0, 1)   # [m, B, d]
-        xx = xs.pow(2).sum(-1)                       # [m, B]
+        B = xs.size(1)
+        xx = xs.pow(2).sum(-1) * 0.25                # [m, B]
         if aligned:
-            # Cells-first layout [m, n, B, N]: every grid cell is a contiguous B x N block.
-            prod = torch.matmul(xs.unsqueeze(1), ys.transpose(1, 2).unsqueeze(0))
-            d2 = xx[:, None, :, None] + yy[None, :, None, :] - 2. * prod
-            grid = _stripe_map(d2)
-            out.append(_shortest_path_cells_first(grid).reshape(xs.size(1), N))
+            # Cells-first layout [m, n, B, N]: every grid cell is one contiguous B x N block,
+            # written directly by the first elementwise operation (no separate permute copy).
+            prod = (xs.reshape(m * B, -1) @ y_flat.t()).view(m, B, n, N).transpose(1, 2)
+            base = xx[:, None, :, None] + yy[None, :, None, :]     # [m, n, B, N]
         else:
-            prod = torch.matmul(xs, ys.transpose(1, 2))     # [m, B, N]
-            d2 = xx[:, :, None] + yy[:, None, :] - 2. * prod
-            out.append(_stripe_map(d2).sum(0))
+            prod = torch.bmm(xs, ys.transpose(1, 2))               # [m, B, N], stripe i to i
+            base = xx[:, :, None] + yy[:, None, :]
+        if need_grad:
+            grid = torch.tanh(torch.add(base, prod, alpha=-0.5).clamp_min(1e-12).sqrt())
+        else:
+            grid = base
+            grid.add_(prod, alpha=-0.5).clamp_min_(1e-12).sqrt_().tanh_()
+        if aligned:
+            out.append(_shortest_path_cells_first(grid).reshape(B, N))
+        else:
+            out.append(grid.sum(0))
     if not out:
         return x.new_zeros(0, N)
     return torch.cat(out, 0)
@@ -142,3 +153,136 @@ def batch_local_dist(x, y, aligned=True):
     d2 = xx[:, :, None] + yy[:, None, :] - 2. * torch.bmm(x, y.transpose(1, 2))  # [N, m, n]
     grid = _stripe_map(d2).permute(1, 2, 0).contiguous()                        # [m, n, N]
     return _shortest_path_cells_first(grid)
+
+
+def hard_example_mining(dist, labels):
+    """Batch-hard mining (Hermans et al., "In Defense of the Triplet Loss").
+
+    dist [N, N] pairwise distances, labels [N] identities. For each anchor i returns the
+    farthest positive (same label, j != i) and the nearest negative (other label):
+    dist_ap [N], dist_an [N] (differentiable w.r.t. dist) and their column indices
+    p_inds [N], n_inds [N]. Works for any number of images per identity; raises ValueError
+    when an anchor has no positive or no negative in the batch."""
+    N = dist.size(0)
+    if dist.shape != (N, N) or labels.shape != (N,):
+        raise ValueError(f"hard_example_mining expects dist [N, N] and labels [N], got "
+                         f"{tuple(dist.shape)} and {tuple(labels.shape)}")
+    same = labels[:, None] == labels[None, :]                              # [N, N]
+    is_pos = same & ~torch.eye(N, dtype=torch.bool, device=dist.device)
+    is_neg = ~same
+    for mask, kind in ((is_pos, "positive (another image of its identity)"),
+                       (is_neg, "negative (an image of another identity)")):
+        lonely = (~mask.any(1)).nonzero().flatten()
+        if len(lonely):
+            raise ValueError(f"hard_example_mining: anchor(s) {lonely[:10].tolist()} (labels "
+                             f"{labels[lonely[:10]].tolist()}) have no {kind} in the batch; "
+                             f"sample at least 2 images of at least 2 identities per batch")
+    inf = torch.finfo(dist.dtype).max
+    dist_ap, p_inds = torch.where(is_pos, dist, dist.new_tensor(-inf)).max(1)
+    dist_an, n_inds = torch.where(is_neg, dist, dist.new_tensor(inf)).min(1)
+    return dist_ap, dist_an, p_inds, n_inds
+
+
+def triplet_loss(dist_ap, dist_an, margin=0.3):
+    """Triplet loss on mined distances dist_ap [N], dist_an [N] -> scalar: the mean of
+    max(0, d_ap - d_an + margin), or of the soft margin log(1 + exp(d_ap - d_an)) when
+    margin is None."""
+    if margin is None:
+        return F.softplus(dist_ap - dist_an).mean()
+    return F.relu(dist_ap - dist_an + margin).mean()
+
+
+def _triplet_stats(prefix, dist_ap, dist_an, margin):
+    """Statistics logged by the original project, as python floats: precision (d_an > d_ap),
+    margin satisfaction (d_an > d_ap + margin; margin 0 for the soft margin), mean d_ap, d_an."""
+    dist_ap, dist_an = dist_ap.detach(), dist_an.detach()
+    return {f"{prefix}_prec": (dist_an > dist_ap).float().mean().item(),
+            f"{prefix}_sm": (dist_an > dist_ap + (margin or 0.)).float().mean().item(),
+            f"{prefix}_dist_ap": dist_ap.mean().item(),
+            f"{prefix}_dist_an": dist_an.mean().item()}
+
+
+def compute_losses(outputs, labels, global_margin=0.3, local_margin=0.3, global_loss_weight=1.,
+                   local_loss_weight=0., id_loss_weight=0., normalize_feature=False,
+                   local_dist_own_hard_sample=False, label_smoothing=0.):
+    """The AlignedReID training objective for one batch.
+
+    outputs: dict from `Model.forward` ('global' [N, C], 'local' [N, h, c], 'logits' [N, K]);
+    labels [N]. Margins of None use the soft margin. normalize_feature L2-normalises the
+    global feature per vector and the local feature per stripe. The local triplet loss uses
+    the pairs mined on the global distance unless local_dist_own_hard_sample, in which case it
+    mines on the full local distance matrix. The ID loss is cross-entropy with optional
+    label smoothing.
+
+    Returns a dict: 'loss' (weighted total, tensor), 'global_loss' with the global_* statistics
+    (always), 'local_loss' with local_* statistics when local_loss_weight > 0, 'id_loss' and
+    'id_prec' when id_loss_weight > 0. Statistics are python floats."""
+    g = outputs["global"]
+    if normalize_feature:
+        g = normalize(g, dim=-1)
+    g_dist = euclidean_dist(g, g)                                        # [N, N]
+    dist_ap, dist_an, p_inds, n_inds = hard_example_mining(g_dist, labels)
+    terms = {"global_loss": triplet_loss(dist_ap, dist_an, global_margin)}
+    terms.update(_triplet_stats("global", dist_ap, dist_an, global_margin))
+    total = global_loss_weight * terms["global_loss"]
+
+    if local_loss_weight > 0:
+        lf = outputs["local"]
+        if normalize_feature:
+            lf = normalize(lf, dim=-1)
+        if local_dist_own_hard_sample:
+            l_ap, l_an, _, _ = hard_example_mining(local_dist(lf, lf), labels)
+        else:
+            l_ap = batch_local_dist(lf, lf[p_inds])
+            l_an = batch_local_dist(lf, lf[n_inds])
+        terms["local_loss"] = triplet_loss(l_ap, l_an, local_margin)
+        terms.update(_triplet_stats("local", l_ap, l_an, local_margin))
+        total = total + local_loss_weight * terms["local_loss"]
+
+    if id_loss_weight > 0:
+        if outputs.get("logits") is None:
+            raise ValueError("compute_losses: id_loss_weight > 0 needs outputs['logits']; build "
+                             "the Model with num_classes set")
+        logits = outputs["logits"]
+        terms["id_loss"] = F.cross_entropy(logits, labels, label_smoothing=label_smoothing)
+        terms["id_prec"] = (logits.detach().argmax(1) == labels).float().mean().item()
+        total = total + id_loss_weight * terms["id_loss"]
+
+    terms["loss"] = total
+    return terms
+
+
+def mutual_losses(outputs, partner_outputs, labels, prob_weight=0., global_dist_weight=0.,
+                  local_dist_weight=0., normalize_feature=False):
+    """Mutual-learning losses (Zhang et al., "Deep Mutual Learning"; AlignedReID section 3.3)
+    of one model against a partner whose outputs are treated as constants (detached).
+
+    outputs, partner_outputs: dicts from `Model.forward` on the same batch; labels [N] (only
+    checked against the batch size). Terms, each computed when its weight > 0:
+    'prob_mutual_loss' = KL(p_partner || p) of the classifier probabilities (batch mean);
+    'global_dist_mutual_loss' / 'local_dist_mutual_loss' = mean squared difference of the
+    N x N global / local distance matrices. Returns {'loss': weighted total, **terms}."""
+    N = outputs["global"].size(0)
+    if labels.shape != (N,) or partner_outputs["global"].size(0) != N:
+        raise ValueError("mutual_losses: outputs, partner_outputs and labels must describe the "
+                         "same batch")
+    terms = {}
+    total = outputs["global"].new_zeros(())
+    if prob_weight > 0:
+        if outputs.get("logits") is None or partner_outputs.get("logits") is None:
+            raise ValueError("mutual_losses: prob_weight > 0 needs 'logits' from both models")
+        log_p = F.log_softmax(outputs["logits"], dim=1)
+        q = F.softmax(partner_outputs["logits"].detach(), dim=1)
+        terms["prob_mutual_loss"] = F.kl_div(log_p, q, reduction="batchmean")
+        total = total + prob_weight * terms["prob_mutual_loss"]
+    for kind, weight in (("global", global_dist_weight), ("local", local_dist_weight)):
+        if weight <= 0:
+            continue
+        f, pf = outputs[kind], partner_outputs[kind].detach()
+        if normalize_feature:
+            f, pf = normalize(f, dim=-1), normalize(pf, dim=-1)
+        dist_fn = euclidean_dist if kind == "global" else local_dist
+        terms[f"{kind}_dist_mutual_loss"] = (dist_fn(f, f) - dist_fn(pf, pf)).pow(2).mean()
+        total = total + weight * terms[f"{kind}_dist_mutual_loss"]
+    terms["loss"] = total
+    return terms
