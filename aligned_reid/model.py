@@ -1,0 +1,141 @@
+"""The AlignedReID network: a torchvision ResNet backbone with a global branch (average pool),
+an aligned local branch (horizontal stripes -> 1x1 conv -> BN -> ReLU) and an optional ID
+classifier."""
+import logging
+import os
+from collections import OrderedDict
+
+import torch
+import torch.nn as nn
+import torchvision
+
+logger = logging.getLogger(__name__)
+
+BACKBONES = {
+    "resnet18": (torchvision.models.resnet18, "ResNet18_Weights"),
+    "resnet34": (torchvision.models.resnet34, "ResNet34_Weights"),
+    "resnet50": (torchvision.models.resnet50, "ResNet50_Weights"),
+    "resnet101": (torchvision.models.resnet101, "ResNet101_Weights"),
+}
+
+
+def _imagenet_weights(base):
+    """torchvision's IMAGENET1K_V1 weights enum entry for `base`."""
+    return getattr(torchvision.models, BACKBONES[base][1]).IMAGENET1K_V1
+
+
+def _extract_state_dict(obj, path):
+    """A backbone state dict from what torch.load returned: a plain state dict, or a
+    checkpoint dict holding one under 'state_dict' or 'model'; 'module.' (DataParallel /
+    DDP) prefixes are stripped, so are 'base.' prefixes of a whole saved `Model`."""
+    for key in ("state_dict", "model"):
+        if isinstance(obj, dict) and isinstance(obj.get(key), dict):
+            obj = obj[key]
+            break
+    if not isinstance(obj, dict) or not all(torch.is_tensor(v) for v in obj.values()):
+        raise ValueError(f"{path}: not a state dict of tensors, nor a checkpoint holding one "
+                         f"under 'state_dict' or 'model'")
+    state = OrderedDict()
+    for k, v in obj.items():
+        while k.startswith("module."):
+            k = k[len("module."):]
+        state[k] = v
+    if state and all(k.startswith("base.") for k in state if not k.startswith("local_")
+                     and not k.startswith("classifier")):
+        state = OrderedDict((k[len("base."):], v) for k, v in state.items()
+                            if k.startswith("base."))
+    return state
+
+
+class Model(nn.Module):
+    """AlignedReID model (Zhang et al., arXiv 1711.08184, section 3).
+
+    base: resnet18 | resnet34 | resnet50 | resnet101 (torchvision, without avgpool and fc).
+    last_stride: 2 (torchvision's) or 1 (doubles the last map: 16 x 8 for a 256 x 128 input).
+    local_conv_out_channels: stripe feature size. num_classes: adds a linear ID classifier on
+    the global feature. pretrained: load torchvision's ImageNet weights (IMAGENET1K_V1, needs
+    them in the torch hub cache or a network); pretrained_path: load them from a local file
+    instead (a torchvision ResNet state dict with or without fc.*, or a checkpoint dict holding
+    one under 'state_dict' / 'model').
+
+    forward(x [N, 3, H, W]) -> {'global': [N, C], 'local': [N, h, local_conv_out_channels],
+    'logits': [N, num_classes] (with a classifier)}, C = self.global_dim (512 for
+    resnet18/34, 2048 for resnet50/101), h = H / 32 (H / 16 with last stride 1)."""
+
+    def __init__(self, base="resnet50", last_stride=2, local_conv_out_channels=128,
+                 num_classes=None, pretrained=False, pretrained_path=None):
+        super().__init__()
+        if base not in BACKBONES:
+            raise ValueError(f"Model: unknown base {base!r}; choose one of {sorted(BACKBONES)}")
+        if last_stride not in (1, 2):
+            raise ValueError(f"Model: last_stride must be 1 or 2, got {last_stride!r}")
+        resnet = BACKBONES[base][0](weights=None)
+        if last_stride == 1:
+            block = resnet.layer4[0]
+            # Bottleneck strides in conv2 (torchvision's ResNet v1.5), BasicBlock in conv1.
+            conv = block.conv2 if hasattr(block, "conv3") else block.conv1
+            conv.stride = (1, 1)
+            block.downsample[0].stride = (1, 1)
+        self.base = nn.Sequential(OrderedDict(
+            (name, getattr(resnet, name)) for name in
+            ("conv1", "bn1", "relu", "maxpool", "layer1", "layer2", "layer3", "layer4")))
+        self.global_dim = resnet.fc.in_features
+        self.local_conv = nn.Conv2d(self.global_dim, local_conv_out_channels, 1, bias=False)
+        self.local_bn = nn.BatchNorm2d(local_conv_out_channels)
+        self.local_relu = nn.ReLU(inplace=True)
+        self.classifier = None
+        if num_classes:
+            self.classifier = nn.Linear(self.global_dim, num_classes)
+            nn.init.normal_(self.classifier.weight, std=0.001)
+            nn.init.constant_(self.classifier.bias, 0.)
+        if pretrained_path:
+            self.load_backbone(pretrained_path)
+        elif pretrained:
+            weights = _imagenet_weights(base)
+            try:
+                state = weights.get_state_dict(progress=True)
+            except Exception as e:  # offline, proxy, corrupt cache ...
+                file_name = os.path.basename(weights.url)
+                cache = os.path.join(torch.hub.get_dir(), "checkpoints")
+                raise RuntimeError(
+                    f"Could not download torchvision's {base} ImageNet weights "
+                    f"(IMAGENET1K_V1, {weights.url}): {e}. Download {file_name} on a machine "
+                    f"with a network and pass it with --pretrained_path FILE (library: "
+                    f"Model(..., pretrained_path=FILE)), or put it in {cache}.") from e
+            self._load_base_state(state, weights.url)
+
+    def load_backbone(self, path):
+        """Load backbone weights from a local file (see the class docstring for the formats);
+        logs missing and unexpected keys and returns them as (missing, unexpected)."""
+        if not os.path.isfile(path):
+            raise FileNotFoundError(f"pretrained weights file not found: {path}")
+        obj = torch.load(path, map_location="cpu", weights_only=True)
+        return self._load_base_state(_extract_state_dict(obj, path), path)
+
+    def _load_base_state(self, state, source):
+        # The ImageNet classifier has no counterpart here; dropping it is expected, not news.
+        state = OrderedDict((k, v) for k, v in state.items() if not k.startswith("fc."))
+        result = self.base.load_state_dict(state, strict=False)
+        loaded = len(state) - len(result.unexpected_keys)
+        if loaded == 0:
+            raise ValueError(f"{source}: no key matches the backbone (expected torchvision "
+                             f"ResNet keys such as 'conv1.weight', 'layer1.0.bn1.weight')")
+        logger.info("loaded %d backbone tensors from %s", loaded, source)
+        if result.missing_keys:
+            logger.warning("%s: %d backbone keys missing (left at initialisation): %s", source,
+                           len(result.missing_keys), ", ".join(result.missing_keys[:20]))
+        if result.unexpected_keys:
+            logger.warning("%s: %d unexpected keys ignored: %s", source,
+                           len(result.unexpected_keys), ", ".join(result.unexpected_keys[:20]))
+        return result.missing_keys, result.unexpected_keys
+
+    def forward(self, x):
+        """x [N, 3, H, W] -> dict of 'global' [N, C], 'local' [N, h, c], 'logits' [N, K]."""
+        feat = self.base(x)                                   # [N, C, h, w]
+        global_feat = feat.mean(dim=(2, 3))                   # [N, C]
+        local = feat.mean(dim=3, keepdim=True)                # [N, C, h, 1]
+        local = self.local_relu(self.local_bn(self.local_conv(local)))   # [N, c, h, 1]
+        out = {"global": global_feat, "local": local.squeeze(3).transpose(1, 2)}  # [N, h, c]
+        if self.classifier is not None:
+            out["logits"] = self.classifier(global_feat)
+        return out
