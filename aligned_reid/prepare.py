@@ -5,6 +5,7 @@ import os
 import random
 import re
 import shutil
+import sys
 import warnings
 import zipfile
 from collections import Counter, defaultdict
@@ -461,3 +462,33 @@ def resolve_raw(raw_dir, zip_file, default_dir, default_zip):
             return os.path.expanduser(path)
     raise FileNotFoundError(f'raw dataset not found: looked for {default_dir} and {default_zip}; '
                             'download it there or pass --raw_dir / --zip_file')
+
+
+def add_common_arguments(parser, default_dir, zip_name=None, folder_name=None, val=True):
+    """The flags every prepare script shares: --zip_file, --raw_dir, --save_dir, --overwrite,
+    --copy and (val=True) --num_val_ids, --seed."""
+    if zip_name:
+        parser.add_argument('--zip_file', default=None,
+                            help=f'the downloaded zip (default: {default_dir}/{zip_name}, used when '
+                                 'the extracted folder is absent)')
+    if folder_name:
+        parser.add_argument('--raw_dir', default=None,
+                            help=f'the extracted folder (default: {default_dir}/{folder_name} when it exists)')
+    parser.add_argument('--save_dir', default=default_dir, help='output folder (default: %(default)s)')
+    parser.add_argument('--overwrite', action='store_true',
+                        help='replace an existing prepared set (default: refuse)')
+    parser.add_argument('--copy', action='store_true',
+                        help='copy images instead of hard-linking them (default: hard link when possible)')
+    if val:
+        parser.add_argument('--num_val_ids', type=int, default=100,
+                            help='training identities held out for validation (default: %(default)s)')
+        parser.add_argument('--seed', type=int, default=1,
+                            help='seed of the validation split (default: %(default)s)')
+
+
+def run_cli(main):
+    """Runs a prepare script's main(); a bad input ends it with the one-line message, no traceback."""
+    try:
+        main()
+    except (FileNotFoundError, FileExistsError, ValueError, KeyError) as e:
+        sys.exit(f'error: {e}')
