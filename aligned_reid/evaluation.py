@@ -201,18 +201,6 @@ def pair_dist(x_feats, y_feats, distance='global', normalize=False, metric='eucl
 
 # ----------------------------------------------------------------------------- ranking
 
-def _stable_row_order(dist):
-    """Row-wise ranking of dist [B, G]: ascending distance, ties broken by the lower gallery
-    index (what a stable sort gives). A fast unstable sort first; rows holding equal values
-    are re-sorted stably."""
-    order = np.argsort(dist, axis=1)
-    vals = np.take_along_axis(dist, order, axis=1)
-    tied = np.flatnonzero((vals[:, 1:] == vals[:, :-1]).any(1))
-    for r in tied:
-        order[r] = np.argsort(dist[r], kind='stable')
-    return order
-
-
 def _to_numpy(x, name, dtype=None):
     if isinstance(x, torch.Tensor):
         x = x.detach().cpu().numpy()
@@ -277,7 +265,8 @@ def evaluate_rank(distmat, q_ids, g_ids, q_cams, g_cams, max_rank=50, ap_mode='s
     ss_orders = {}
     for s in range(0, Q, block):
         e = min(Q, s + block)
-        order = _stable_row_order(distmat[s:e])                 # [B, G]
+        dist = distmat[s:e]
+        order = np.argsort(dist, axis=1)                        # [B, G], ties fixed below
         ids_sorted = g_ids[order]                               # [B, G]
         r, p = np.nonzero(ids_sorted == q_ids[s:e, None])       # same id, row-major
         same_cam = g_cams[order[r, p]] == q_cams[s + r]
@@ -296,13 +285,30 @@ def evaluate_rank(distmat, q_ids, g_ids, q_cams, g_cams, max_rank=50, ap_mode='s
         keys, r, p = keys[is_good], r[is_good], p[is_good]
         # kept position = sorted position - removed items before it in the same row
         before = np.searchsorted(removed, keys) - np.searchsorted(removed, r * G)
+        kept = p - before
+        # The fast sort leaves equal distances in any order; only a good item with an equal
+        # neighbour can then sit at a wrong kept position. Count those directly under the
+        # documented order (distance, then gallery index).
+        col = order[r, p]
+        v = dist[r, col]
+        tied = np.zeros(len(p), dtype=bool)
+        for shift in (-1, 1):
+            ok = (p + shift >= 0) & (p + shift < G)
+            tied[ok] |= dist[r[ok], order[r[ok], p[ok] + shift]] == v[ok]
+        for t in np.flatnonzero(tied):
+            qi, drow = s + r[t], dist[r[t]]
+            ahead = (drow < v[t]) | ((drow == v[t]) & (np.arange(G) < col[t]))
+            kept[t] = np.count_nonzero(ahead & _kept_mask(qi, q_ids, g_ids, q_cams, g_cams,
+                                                         separate_camera_set))
         good_rows.append(r + s)
-        good_kept.append(p - before)
+        good_kept.append(kept)
         if single_gallery_shot:
             for row in np.unique(r):
-                ss_orders[s + row] = order[row]
+                ss_orders[s + row] = np.argsort(dist[row], kind='stable')
     rows = np.concatenate(good_rows)
-    kept = np.concatenate(good_kept).astype(np.float64)
+    kept = np.concatenate(good_kept)
+    by_rank = np.lexsort((kept, rows))                          # rows, then kept position
+    rows, kept = rows[by_rank], kept[by_rank].astype(np.float64)
 
     num_good = np.bincount(rows, minlength=Q)
     valid = num_good > 0
@@ -338,6 +344,14 @@ def evaluate_rank(distmat, q_ids, g_ids, q_cams, g_cams, max_rank=50, ap_mode='s
     return {'cmc': cmc, 'mAP': float(ap.mean()), 'mINP': float(inp.mean()), 'all_AP': ap,
             'all_INP': inp, 'valid': valid, 'num_valid_queries': num_valid,
             'num_skipped': int(Q - num_valid)}
+
+
+def _kept_mask(qi, q_ids, g_ids, q_cams, g_cams, separate_camera_set):
+    """Gallery items [G] that stay in query qi's ranking under the protocol."""
+    keep = ~((g_ids == q_ids[qi]) & (g_cams == q_cams[qi])) & (g_ids >= 0)
+    if separate_camera_set:
+        keep &= g_cams != q_cams[qi]
+    return keep
 
 
 def _single_shot_cmc(orders, q_ids, g_ids, g_cams, q_cams, has_junk, separate_camera_set,
@@ -386,7 +400,7 @@ def evaluate(feats, distances=('global',), re_rank=False, ap_mode='standard', mu
     distances: names from ('global', 'local', 'global_local'). re_rank=True adds the
     k-reciprocal re-ranked result (k1, k2, lambda_value) of each distance.
     Returns {name: evaluate_rank dict}, names like 'global', 'global+re_rank'."""
-    from .re_ranking import re_ranking
+    from .re_ranking import re_ranking_features
 
     if isinstance(distances, str):
         distances = (distances,)
@@ -412,9 +426,7 @@ def evaluate(feats, distances=('global',), re_rank=False, ap_mode='standard', mu
         results[name] = evaluate_rank(q_g, q_ids, g_ids, q_cams, g_cams, max_rank=max_rank,
                                       ap_mode=ap_mode)
         if re_rank:
-            q_q = compute_dist(qf, qf, **kw)
-            g_g = compute_dist(gf, gf, **kw)
-            rr = re_ranking(q_g, q_q, g_g, k1=k1, k2=k2, lambda_value=lambda_value)
+            rr = re_ranking_features(qf, gf, k1=k1, k2=k2, lambda_value=lambda_value, **kw)
             results[name + '+re_rank'] = evaluate_rank(rr, q_ids, g_ids, q_cams, g_cams,
                                                        max_rank=max_rank, ap_mode=ap_mode)
     return results
