@@ -1,0 +1,122 @@
+"""Tests of aligned_reid.model: output shapes for every backbone, input size and last stride,
+pretrained weights loaded exactly from local files, clear errors, gradients to every branch."""
+import logging
+
+import pytest
+import torch
+import torchvision
+
+from aligned_reid.model import Model
+
+
+@pytest.fixture(autouse=True, scope="module")
+def one_thread():
+    # Batch-1 forwards on a shared machine: thread wake-ups would cost more than they save.
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+@pytest.mark.parametrize("last_stride", [2, 1])
+@pytest.mark.parametrize("base,dim", [("resnet18", 512), ("resnet34", 512),
+                                      ("resnet50", 2048), ("resnet101", 2048)])
+def test_output_shapes(base, dim, last_stride):
+    model = Model(base, last_stride=last_stride, num_classes=7).eval()
+    assert model.global_dim == dim
+    with torch.no_grad():
+        for height in (256, 384):
+            out = model(torch.randn(1, 3, height, 128))
+            rows = height // 32 * (2 if last_stride == 1 else 1)
+            assert set(out) == {"global", "local", "logits"}
+            assert out["global"].shape == (1, dim)
+            assert out["local"].shape == (1, rows, 128)
+            assert out["logits"].shape == (1, 7)
+            assert (out["local"] >= 0).all()        # after the ReLU
+
+
+def test_features_and_gradients():
+    torch.manual_seed(0)
+    model = Model("resnet18", local_conv_out_channels=16).train()
+    x = torch.randn(2, 3, 64, 32)
+    out = model(x)
+    assert set(out) == {"global", "local"} and out["local"].shape == (2, 2, 16)
+    # The global feature is the average of the last map; the local one pools each row of it.
+    feat = model.base(x)
+    assert torch.allclose(out["global"], feat.mean(dim=(2, 3)), atol=1e-5)
+    (out["global"].sum() + out["local"].sum()).backward()
+    assert model.base.conv1.weight.grad.abs().sum() > 0
+    assert model.local_conv.weight.grad.abs().sum() > 0
+
+
+def test_classifier_init():
+    model = Model("resnet18", num_classes=1000)
+    assert model.classifier.weight.std().item() == pytest.approx(0.001, rel=0.05)
+    assert torch.equal(model.classifier.bias, torch.zeros(1000))
+
+
+def randomized_resnet18():
+    """A torchvision ResNet-18 whose every tensor (buffers included) is random."""
+    torch.manual_seed(1)
+    net = torchvision.models.resnet18()
+    with torch.no_grad():
+        for t in net.state_dict().values():
+            if t.is_floating_point():
+                t.copy_(torch.rand_like(t))
+    return net
+
+
+@pytest.mark.parametrize("wrap", ["plain", "no_fc", "checkpoint", "model_key"])
+def test_pretrained_file_loads_exactly(tmp_path, wrap, caplog):
+    reference = randomized_resnet18().state_dict()
+    state = dict(reference)
+    if wrap == "no_fc":
+        state = {k: v for k, v in state.items() if not k.startswith("fc.")}
+    elif wrap == "checkpoint":
+        state = {"state_dict": {"module." + k: v for k, v in state.items()}, "epoch": 3}
+    elif wrap == "model_key":
+        state = {"model": state}
+    path = tmp_path / "resnet18.pth"
+    torch.save(state, path)
+    with caplog.at_level(logging.WARNING):
+        model = Model("resnet18", last_stride=1, pretrained_path=str(path))
+    loaded = model.base.state_dict()
+    expected = {k: v for k, v in reference.items() if not k.startswith("fc.")}
+    assert set(loaded) == set(expected)
+    for k, v in expected.items():
+        assert torch.equal(loaded[k], v), k
+    assert "missing" not in caplog.text and "unexpected" not in caplog.text
+
+
+def test_pretrained_file_reports_missing_and_unexpected(tmp_path, caplog):
+    state = randomized_resnet18().state_dict()
+    del state["layer4.1.bn2.weight"]
+    state["extra.weight"] = torch.zeros(3)
+    path = tmp_path / "partial.pth"
+    torch.save(state, path)
+    with caplog.at_level(logging.WARNING):
+        model = Model("resnet18", pretrained_path=str(path))
+    assert "layer4.1.bn2.weight" in caplog.text and "extra.weight" in caplog.text
+    assert torch.equal(model.base.state_dict()["conv1.weight"], state["conv1.weight"])
+
+
+def test_pretrained_errors(tmp_path, monkeypatch):
+    with pytest.raises(FileNotFoundError, match="nowhere.pth"):
+        Model("resnet18", pretrained_path=str(tmp_path / "nowhere.pth"))
+    wrong = tmp_path / "wrong.pth"
+    torch.save({"foo.weight": torch.zeros(2)}, wrong)
+    with pytest.raises(ValueError, match="no key matches"):
+        Model("resnet18", pretrained_path=str(wrong))
+    with pytest.raises(ValueError, match="resnet152"):
+        Model("resnet152")
+    with pytest.raises(ValueError, match="last_stride"):
+        Model("resnet18", last_stride=3)
+
+    # Offline: the weights API fails; the error must say how to pass a local file.
+    def offline(self, *args, **kwargs):
+        raise OSError("network unreachable")
+
+    monkeypatch.setattr(torchvision.models.WeightsEnum, "get_state_dict", offline)
+    with pytest.raises(RuntimeError, match="--pretrained_path") as err:
+        Model("resnet50", pretrained=True)
+    assert "resnet50-0676ba61.pth" in str(err.value)
