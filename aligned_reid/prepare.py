@@ -40,7 +40,8 @@ MARKET_NAME_RE = re.compile(r'^(-1|\d+)_c(\d+)(?:s\d+)?_[^/]*$')
 
 
 class Item(NamedTuple):
-    """One raw image: src is a file path, a ZipMember, or an H x W x 3 uint8 array (encoded to JPEG)."""
+    """One raw image. src: a file path (hard-linked or copied), a ZipMember, an H x W x 3 uint8 array
+    (encoded as JPEG), or a callable returning such an array."""
     src: object
     pid: int
     cam: int
@@ -123,6 +124,8 @@ class _Writer:
         self._zips = {}
 
     def write(self, src, dst):
+        if callable(src):  # a lazy loader, e.g. of an image stored in a .mat file
+            src = src()
         if isinstance(src, np.ndarray):
             from PIL import Image
             Image.fromarray(src).save(dst, format='JPEG', quality=95)
