@@ -1,0 +1,73 @@
+"""Benchmark: one full AlignedReID training step (global + aligned local triplet + ID loss)
+against the bare backbone forward and backward on the same batch, in the same process."""
+import argparse
+import time
+
+import torch
+
+from aligned_reid.loss import compute_losses
+from aligned_reid.model import Model
+
+
+def main(args):
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    torch.manual_seed(0)
+    device = torch.device(args.device)
+    model = Model(args.base, last_stride=args.last_stride, num_classes=args.num_classes)
+    model.to(device).train()
+    batch = args.ids_per_batch * args.ims_per_id
+    images = torch.randn(batch, 3, args.height, args.width, device=device)
+    labels = torch.arange(args.ids_per_batch, device=device).repeat_interleave(args.ims_per_id)
+
+    def bare_step():
+        model.zero_grad(set_to_none=True)
+        model.base(images).mean(dim=(2, 3)).sum().backward()
+
+    def full_step():
+        model.zero_grad(set_to_none=True)
+        losses = compute_losses(model(images), labels, global_margin=0.3, local_margin=0.3,
+                                global_loss_weight=1., local_loss_weight=1., id_loss_weight=1.)
+        losses["loss"].backward()
+
+    def timed(fn):
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+        t0 = time.perf_counter()
+        fn()
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+        return time.perf_counter() - t0
+
+    bare_step(), full_step()                   # warm-up (allocator, kernels)
+    bare, full = [], []
+    for _ in range(args.repeats):              # interleaved, so load changes hit both alike
+        bare.append(timed(bare_step))
+        full.append(timed(full_step))
+    print(f"{args.base}, batch {batch} ({args.ids_per_batch} ids x {args.ims_per_id}) at "
+          f"{args.height}x{args.width}, {args.device}, {torch.get_num_threads()} threads, "
+          f"best of {args.repeats}")
+    print(f"bare backbone forward+backward      : {min(bare):.3f} s")
+    print(f"AlignedReID step (global+local+ID)  : {min(full):.3f} s")
+    print(f"ratio full / bare                   : {min(full) / min(bare):.3f}")
+
+
+def build_parser():
+    p = argparse.ArgumentParser(description=__doc__)
+    p.add_argument("--base", default="resnet50", help="backbone (default resnet50)")
+    p.add_argument("--last_stride", type=int, default=2, help="last stride (default 2)")
+    p.add_argument("--ids_per_batch", type=int, default=8, help="identities per batch (default 8)")
+    p.add_argument("--ims_per_id", type=int, default=4, help="images per identity (default 4)")
+    p.add_argument("--height", type=int, default=256, help="input height (default 256)")
+    p.add_argument("--width", type=int, default=128, help="input width (default 128)")
+    p.add_argument("--num_classes", type=int, default=751,
+                   help="ID classifier size (default 751, Market-1501 trainval)")
+    p.add_argument("--device", default="cpu", help="cpu or cuda (default cpu)")
+    p.add_argument("--threads", type=int, default=0,
+                   help="torch intra-op threads, 0 keeps torch's default (default 0)")
+    p.add_argument("--repeats", type=int, default=3, help="timed steps per variant (default 3)")
+    return p
+
+
+if __name__ == "__main__":
+    main(build_parser().parse_args())
