@@ -202,4 +202,7 @@ def main(args):
 
 
 if __name__ == '__main__':
-    main(parse_args())
+    try:
+        main(parse_args())
+    except (ValueError, FileNotFoundError) as e:
+        raise SystemExit('test.py: {}'.format(e))

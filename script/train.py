@@ -23,7 +23,7 @@ LOSS_TERMS = ('global_loss', 'local_loss', 'id_loss')
 # tensorboardX scalar groups of the original: group -> {tag: key in the epoch statistics}
 SCALAR_GROUPS = {
     'loss': {'global_loss': 'global_loss', 'local_loss': 'local_loss', 'id_loss': 'id_loss', 'loss': 'loss'},
-    'precision': {'global_precision': 'global_prec', 'local_precision': 'local_prec'},
+    'precision': {'global_precision': 'global_prec', 'local_precision': 'local_prec', 'id_precision': 'id_prec'},
     'satisfy_margin': {'global_satisfy_margin': 'global_sm', 'local_satisfy_margin': 'local_sm'},
     'global_dist': {'global_dist_ap': 'global_dist_ap', 'global_dist_an': 'global_dist_an'},
     'local_dist': {'local_dist_ap': 'local_dist_ap', 'local_dist_an': 'local_dist_an'},
@@ -103,9 +103,11 @@ def build_parser():
 
     r = p.add_argument_group('run')
     r.add_argument('--resume', type=boolean, default=False,
-                   help='continue from the checkpoint in the experiment folder (true/false). Default: false')
+                   help='continue from the checkpoint in the experiment folder (true/false), with the saved '
+                        'arguments of that run for every flag not given on the command line. Default: false')
     r.add_argument('--onlytest', '--only_test', dest='onlytest', type=boolean, default=False,
-                   help='skip training: test the checkpoint in the experiment folder. Default: false')
+                   help='skip training: test the checkpoint in the experiment folder (saved arguments as with '
+                        '--resume). Default: false')
     r.add_argument('--exp_dir', default=None,
                    help='experiment folder (checkpoint, log, tensorboard, args, metrics). '
                         'Default: exp/train/<train_dataset> under the current folder')
@@ -138,8 +140,47 @@ def resolve_paths(args):
     return args
 
 
-def check_args(parser, args):
-    """Stops at once, naming the flag, on combinations that cannot run. Returns args with paths filled."""
+# Flags that describe this machine or this invocation, never taken from a resumed run's saved arguments.
+NOT_RESTORED = ('resume', 'onlytest', 'exp_dir', 'device', 'workers')
+
+
+def explicit_dests(argv):
+    """The argument names given on the command line `argv` (a parser whose defaults are all suppressed
+    keeps only those)."""
+    quiet = build_parser()
+    for action in quiet._actions:
+        action.default = argparse.SUPPRESS
+    return set(vars(quiet.parse_known_args(argv)[0]))
+
+
+def restore_saved_args(parser, args, explicit):
+    """--resume / --onlytest: every flag not given on the command line takes the value saved by the run
+    in the experiment folder, so `python train.py --resume true` continues that run as it was set up."""
+    flag = '--resume' if args.resume else '--onlytest'
+    exp_dir = os.path.abspath(os.path.expanduser(args.exp_dir or utils.default_exp_dir(args.train_dataset)))
+    ckpt = os.path.join(exp_dir, 'ckpt.pth')
+    if not os.path.isfile(ckpt):
+        parser.error('{} true: no checkpoint at {} (train first, or point --exp_dir / --train_dataset at '
+                     'the run)'.format(flag, ckpt))
+    saved_path = os.path.join(exp_dir, 'args.json')
+    try:
+        with open(saved_path) as f:
+            saved = json.load(f)
+    except (OSError, ValueError):
+        saved = dict(utils.load_checkpoint(ckpt).get('args') or {})
+    for k, v in saved.items():
+        if k in NOT_RESTORED or k in explicit or not hasattr(args, k):
+            continue
+        setattr(args, k, v)
+    args.exp_dir = exp_dir
+    return args
+
+
+def check_args(parser, args, explicit=()):
+    """Stops at once, naming the flag, on combinations that cannot run. Returns args with paths filled.
+    `explicit`: names given on the command line (they win over a resumed run's saved arguments)."""
+    if args.resume or args.onlytest:
+        restore_saved_args(parser, args, explicit)
     if args.train_partitions is None and args.train_dataset not in utils.DATASET_DIRS:
         parser.error('--train_dataset {!r} is unknown: choose one of {} or give --train_partitons'.format(
             args.train_dataset, ', '.join(utils.DATASET_DIRS)))
@@ -168,10 +209,6 @@ def check_args(parser, args):
         parser.error('--device {}: CUDA is not available on this machine'.format(args.device))
     if not (args.device == 'cpu' or args.device.startswith('cuda')):
         parser.error("--device must be 'cpu', 'cuda' or 'cuda:N', got {!r}".format(args.device))
-    ckpt = os.path.join(args.exp_dir, 'ckpt.pth')
-    if (args.resume or args.onlytest) and not os.path.isfile(ckpt):
-        parser.error('--{} true: no checkpoint at {} (train first, or point --exp_dir / --train_dataset at '
-                     'the run)'.format('resume' if args.resume else 'onlytest', ckpt))
     if not os.path.isfile(args.train_partitions):
         parser.error('--train_partitons: partitions file not found: {} (prepare the dataset with '
                      'data_set/<name>_prepare.py, or pass the path)'.format(args.train_partitions))
@@ -195,8 +232,9 @@ def check_args(parser, args):
 
 
 def parse_args(argv=None):
+    argv = sys.argv[1:] if argv is None else list(argv)
     parser = build_parser()
-    return check_args(parser, parser.parse_args(argv))
+    return check_args(parser, parser.parse_args(argv), explicit_dests(argv))
 
 
 # ----------------------------------------------------------------------------- pieces of main
@@ -220,8 +258,11 @@ class StopFlag:
         self.requested, self.signum = True, signum
 
     def install(self):
-        for s in (signal.SIGINT, signal.SIGTERM):
-            signal.signal(s, self)
+        self.previous = {s: signal.signal(s, self) for s in (signal.SIGINT, signal.SIGTERM)}
+
+    def uninstall(self):
+        for s, handler in getattr(self, 'previous', {}).items():
+            signal.signal(s, handler)
 
 
 def amp_settings(amp, device, logger):
@@ -368,6 +409,14 @@ def write_scalars(writer, stats, epoch):
     writer.flush()
 
 
+def shutdown(stop, writer):
+    """Restores the signal handlers, closes the tensorboard writer and leaves the process group."""
+    stop.uninstall()
+    if writer is not None:
+        writer.close()
+    utils.cleanup_distributed()
+
+
 def bare(model):
     return model.module if isinstance(model, DistributedDataParallel) else model
 
@@ -475,7 +524,7 @@ def main(args, compute=None):
                 channels_last=channels_last, logger=logger, steps_per_log=args.steps_per_log, compute=compute)
         except NonFiniteLoss as e:
             logger.error('%s; stopping. The last good checkpoint is kept: %s', e, ckpt_path)
-            utils.cleanup_distributed()
+            shutdown(stop, writer)
             raise SystemExit('train.py: {}'.format(e))
         seconds = time.time() - t0
         stats.update(lr=lr, images_per_s=n_images / max(seconds, 1e-9))
@@ -483,7 +532,7 @@ def main(args, compute=None):
             save(ckpt_path, model, optimizer, scaler, epoch - 1, step, best, args)
             logger.info('stopped by signal %s at epoch %d step %d/%d; checkpoint saved to %s; continue with '
                         '--resume true', stop.signum, epoch, step, len(loader), ckpt_path)
-            utils.cleanup_distributed()
+            shutdown(stop, writer)
             raise SystemExit(128 + (stop.signum or 0))
         logger.info('epoch %d/%d  lr %.3g  %.1f images/s  %.1f s  %s', epoch, args.total_epochs, lr,
                     stats['images_per_s'], seconds,
@@ -505,14 +554,11 @@ def main(args, compute=None):
         save(ckpt_path, model, optimizer, scaler, epoch, 0, best, args)
         if stopped:
             logger.info('stopped by signal %s after epoch %d; checkpoint saved to %s', stop.signum, epoch, ckpt_path)
-            utils.cleanup_distributed()
+            shutdown(stop, writer)
             raise SystemExit(128 + (stop.signum or 0))
-    if writer is not None:
-        writer.close()
-
     # final test on rank 0 alone; the other ranks are done
     utils.barrier()
-    utils.cleanup_distributed()
+    shutdown(stop, writer)
     results = None
     if main_proc:
         results = final_test(bare(model), partitions, im_dir, args, device, logger, amp=amp_dtype is not None)

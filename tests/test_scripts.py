@@ -1,0 +1,348 @@
+"""End-to-end tests of script/train.py and script/test.py on a tiny synthetic set: the original README's
+commands verbatim, exact resume, signals, non-finite losses, two-process gloo torchrun, bad input."""
+import importlib.util
+import json
+import os
+import re
+import signal
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from aligned_reid.prepare import prepare_market_layout
+from aligned_reid.synthetic import render_market_tree
+
+REPO = Path(__file__).resolve().parents[1]
+SCRIPT = REPO / 'script'
+# Overrides appended to the README's commands: a CPU-sized model and a set with few identities, and no
+# ImageNet download (no network here).
+SMALL = ' --base_model resnet18 --resize_h_w 64 32 --total_epochs 1 --ids_per_batch 4 --pretrained false --workers 0'
+TINY = ['--base_model', 'resnet18', '--resize_h_w', '64', '32', '--ids_per_batch', '4', '--ims_per_id', '2',
+        '--pretrained', 'false', '--workers', '0', '--seed', '3']
+
+# The original README's commands, exactly as written there (the resume command's missing backslash included).
+README_TRAIN = r"""cd AlignedReID/script
+
+python train.py \
+--train_dataset market1501 \
+--train_partitons /data/DataSet/market1501/partitions.pkl \
+--ids_per_batch 32 \
+--ims_per_id 4 \
+--normalize_feature false \
+-gm 0.3 \
+-lm 0.3 \
+-glw 1 \
+-llw 0 \
+-idlw 0 \
+--base_lr 2e-4 \
+--lr_decay_type exp \
+--exp_decay_at_epoch 151 \
+--total_epochs 300"""
+
+README_RESUME = r"""cd AlignedReID/script
+
+python train.py \
+--resume True
+--train_dataset market1501 \
+--train_partitons /data/DataSet/market1501/partitions.pkl \
+--ids_per_batch 32 \
+--ims_per_id 4 \
+--normalize_feature false \
+-gm 0.3 \
+-lm 0.3 \
+-glw 1 \
+-llw 0 \
+-idlw 0 \
+--base_lr 2e-4 \
+--lr_decay_type exp \
+--exp_decay_at_epoch 151 \
+--total_epochs 300"""
+
+README_TEST = r"""cd AlignedReID/script
+
+python test.py \
+--onlytest True \
+--to_re_rank True \
+--train_dataset market1501 \
+--test_dataset market1501 \
+--test_partitons /data/DataSet/market1501/partitions.pkl \
+"""
+
+README_TEST_CROSS = r"""cd AlignedReID/script
+
+python test.py \
+--onlytest True \
+--to_re_rank True \
+--train_dataset market1501 \
+--test_dataset duke \
+--test_dataset_partitions /data/DataSet/duke/partitions.pkl"""
+
+
+def _load_script(name):
+    spec = importlib.util.spec_from_file_location('script_' + name, SCRIPT / (name + '.py'))
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+train_script = _load_script('train')
+test_script = _load_script('test')
+
+
+@pytest.fixture(scope='module')
+def world(tmp_path_factory):
+    """A home folder holding two tiny prepared sets at the default places (~/Dataset/market1501 and
+    ~/Dataset/duke), the README's AlignedReID/script folder, and an environment pointing at them."""
+    root = tmp_path_factory.mktemp('scripts')
+    home = root / 'home'
+    for name, seed in (('market1501', 0), ('duke', 1)):
+        raw = root / ('raw_' + name)
+        render_market_tree(str(raw), num_train_ids=10, num_test_ids=6, ims_per_id_cam=2, num_cams=3,
+                           im_size=(64, 32), seed=seed)
+        prepare_market_layout(str(raw), str(home / 'Dataset' / name), dataset=name, num_val_ids=2, verbose=False)
+    script_dir = root / 'AlignedReID' / 'script'
+    script_dir.mkdir(parents=True)
+    for name in ('train.py', 'test.py'):
+        (script_dir / name).symlink_to(SCRIPT / name)
+    env = dict(os.environ, HOME=str(home), PYTHONUNBUFFERED='1',
+               PATH=os.path.dirname(sys.executable) + os.pathsep + os.environ.get('PATH', ''))
+    return {'root': root, 'home': home, 'env': env,
+            'market': str(home / 'Dataset' / 'market1501' / 'partitions.pkl'),
+            'duke': str(home / 'Dataset' / 'duke' / 'partitions.pkl'),
+            'exp': script_dir / 'exp' / 'train' / 'market1501'}
+
+
+def _readme(command, world, append):
+    """The README command with its dataset paths pointed at the tiny sets and `append` added to the line
+    that ends the python command."""
+    text = command.replace('/data/DataSet/market1501/partitions.pkl', world['market'])
+    text = text.replace('/data/DataSet/duke/partitions.pkl', world['duke'])
+    lines = text.split('\n')
+    i = next(j for j in range(len(lines)) if lines[j].startswith('python'))
+    while lines[i].endswith('\\') and i + 1 < len(lines) and lines[i + 1].strip():
+        i += 1
+    lines[i] = lines[i][:-1].rstrip() + append + ' \\' if lines[i].endswith('\\') else lines[i] + append
+    return '\n'.join(lines)
+
+
+def _bash(text, world):
+    return subprocess.run(['bash', '-c', text], cwd=str(world['root']), env=world['env'],
+                          capture_output=True, text=True, timeout=300)
+
+
+def _epoch(path):
+    return torch.load(str(path), map_location='cpu', weights_only=False)['epoch']
+
+
+def test_readme_commands_verbatim(world):
+    exp = world['exp']
+    r = _bash(_readme(README_TRAIN, world, SMALL), world)
+    assert r.returncode == 0, r.stdout + r.stderr
+    assert _epoch(exp / 'ckpt.pth') == 1
+    metrics = json.load(open(exp / 'metrics.json'))['results']
+    assert {'global', 'global+re_rank'} <= set(metrics)
+    assert 'Rank-1' in r.stdout
+    saved = json.load(open(exp / 'args.json'))
+    assert saved['ids_per_batch'] == 4 and saved['ims_per_id'] == 4 and saved['base_lr'] == 2e-4
+    assert saved['train_partitions'] == world['market'] and saved['normalize_feature'] is False
+
+    # As written, the resume command runs `python train.py --resume True` alone (the next line lacks a
+    # backslash, so bash then fails on `--train_dataset ...`): it resumes the market1501 run with its saved
+    # arguments. More epochs are asked for, since the first run's were all done.
+    r = _bash(_readme(README_RESUME.replace('--resume True\n', '--resume True --total_epochs 2\n'), world, ''), world)
+    assert 'resumed from' in r.stdout, r.stdout + r.stderr
+    assert _epoch(exp / 'ckpt.pth') == 2
+    # With the backslash the user meant, every flag is given again.
+    fixed = README_RESUME.replace('--resume True\n', '--resume True \\\n')
+    r = _bash(_readme(fixed, world, SMALL.replace('--total_epochs 1', '--total_epochs 3')), world)
+    assert r.returncode == 0, r.stdout + r.stderr
+    assert 'resumed from' in r.stdout and _epoch(exp / 'ckpt.pth') == 3
+
+    os.remove(exp / 'metrics.json')
+    r = _bash(_readme(README_TEST, world, ' --workers 0'), world)
+    assert r.returncode == 0, r.stdout + r.stderr
+    assert re.search(r'\| test with global distance \| [\d.]+ \| [\d.]+ \| [\d.]+ \| [\d.]+ \|', r.stdout)
+    assert {'global', 'global+re_rank'} <= set(json.load(open(exp / 'metrics.json'))['results'])
+
+    r = _bash(_readme(README_TEST_CROSS, world, ' --workers 0'), world)
+    assert r.returncode == 0, r.stdout + r.stderr
+    cross = json.load(open(exp / 'metrics_duke.json'))
+    assert cross['test_dataset'] == 'duke' and cross['test_partitions'] == world['duke']
+
+
+def _train(argv, compute=None):
+    """Runs train.py's main in this process; returns the per-step losses its loss function produced."""
+    seen = []
+
+    def recording(outputs, labels, **kw):
+        result = (compute or train_script.compute_losses)(outputs, labels, **kw)
+        seen.append(float(result['loss'].detach()))
+        return result
+    args = train_script.parse_args(argv)
+    try:
+        train_script.main(args, compute=recording)
+    finally:
+        seen_copy = list(seen)
+    return seen_copy
+
+
+def _weights(path):
+    return torch.load(str(path), map_location='cpu', weights_only=False)['model']
+
+
+def test_resume_is_exact(world, tmp_path):
+    common = ['--train_partitons', world['market'], '--to_re_rank', 'false', '-llw', '1'] + TINY
+    straight = _train(common + ['--exp_dir', str(tmp_path / 'a'), '--total_epochs', '3'])
+    assert len(straight) == 3 * 2  # 10 identities, 4 per batch: 2 steps per epoch
+
+    # stopped after epoch 1, resumed
+    first = _train(common + ['--exp_dir', str(tmp_path / 'b'), '--total_epochs', '1'])
+    rest = _train(common + ['--exp_dir', str(tmp_path / 'b'), '--total_epochs', '3', '--resume', 'true'])
+    assert first + rest == straight
+
+    # SIGTERM in the middle of epoch 2: the step finishes, the checkpoint is saved, the run exits
+    calls = []
+
+    def signalling(outputs, labels, **kw):
+        calls.append(1)
+        if len(calls) == 3:
+            os.kill(os.getpid(), signal.SIGTERM)
+        return train_script.compute_losses(outputs, labels, **kw)
+    with pytest.raises(SystemExit) as stopped:
+        _train(common + ['--exp_dir', str(tmp_path / 'c'), '--total_epochs', '3'], compute=signalling)
+    assert stopped.value.code == 128 + signal.SIGTERM
+    state = torch.load(str(tmp_path / 'c' / 'ckpt.pth'), map_location='cpu', weights_only=False)
+    assert (state['epoch'], state['step_in_epoch']) == (1, 1)
+    _train(common + ['--exp_dir', str(tmp_path / 'c'), '--resume', 'true'])
+
+    a = _weights(tmp_path / 'a' / 'ckpt.pth')
+    for run in ('b', 'c'):
+        b = _weights(tmp_path / run / 'ckpt.pth')
+        assert a.keys() == b.keys()
+        assert all(torch.equal(a[k], b[k]) for k in a), run
+    assert json.load(open(tmp_path / 'a' / 'metrics.json')) == json.load(open(tmp_path / 'b' / 'metrics.json'))
+    assert signal.getsignal(signal.SIGTERM) is not None
+
+
+def test_two_epochs_then_test_script(world, tmp_path):
+    exp = tmp_path / 'exp'
+    r = subprocess.run([sys.executable, 'script/train.py', '--train_partitons', world['market'], '--exp_dir', str(exp),
+                        '--total_epochs', '2', '-llw', '1', '-idlw', '0.5', '--to_re_rank', 'false'] + TINY,
+                       cwd=str(REPO), env=world['env'], capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stdout + r.stderr
+    log = open(exp / 'train.log').read()
+    for term in ('global_loss', 'local_loss', 'id_loss', 'global_prec', 'local_sm', 'global_dist_ap',
+                 'local_dist_an', 'images/s', 'lr 0.0002'):
+        assert term in log, term
+    assert len(re.findall(r'epoch \d/2 ', log)) == 2
+    assert set(json.load(open(exp / 'metrics.json'))['results']) == {'global', 'local', 'global_local'}
+    assert os.listdir(exp / 'tensorboard')
+
+    r = subprocess.run([sys.executable, 'test.py', '--exp_dir', str(exp), '--test_partitons', world['duke'],
+                        '--test_dataset', 'duke', '--test_distance', 'all', '--ap_mode', 'market_official',
+                        '--multi_query', 'avg', '--workers', '0', '--to_re_rank', 'false'],
+                       cwd=str(SCRIPT), env=world['env'], capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stdout + r.stderr
+    out = json.load(open(exp / 'metrics_duke.json'))
+    assert set(out['results']) == {'global', 'local', 'global_local'} and out['multi_query'] == 'avg'
+    assert 'test with global + local distance' in r.stdout
+
+
+def test_non_finite_loss_stops_and_keeps_checkpoint(world, tmp_path):
+    calls = []
+
+    def poisoned(outputs, labels, **kw):
+        result = train_script.compute_losses(outputs, labels, **kw)
+        calls.append(1)
+        if len(calls) == 4:  # epoch 2, step 2
+            result['global_loss'] = result['global_loss'] * float('nan')
+            result['loss'] = result['global_loss']
+        return result
+    exp = tmp_path / 'nan'
+    with pytest.raises(SystemExit) as e:
+        _train(['--train_partitons', world['market'], '--exp_dir', str(exp), '--total_epochs', '3'] + TINY,
+               compute=poisoned)
+    assert 'global_loss' in str(e.value.code) and 'epoch 2 step 2' in str(e.value.code)
+    assert _epoch(exp / 'ckpt.pth') == 1
+    assert 'non-finite loss: global_loss' in open(exp / 'train.log').read()
+
+
+def _free_port():
+    with socket.socket() as s:
+        s.bind(('127.0.0.1', 0))
+        return s.getsockname()[1]
+
+
+def test_torchrun_two_processes_gloo(world, tmp_path):
+    exp = tmp_path / 'ddp'
+    r = subprocess.run([sys.executable, '-m', 'torch.distributed.run', '--nproc_per_node=2',
+                        '--master_port={}'.format(_free_port()), 'script/train.py', '--train_partitons', world['market'],
+                        '--exp_dir', str(exp), '--total_epochs', '1', '--to_re_rank', 'false'] + TINY,
+                       cwd=str(REPO), env=dict(world['env'], OMP_NUM_THREADS='1'), capture_output=True, text=True,
+                       timeout=300)
+    assert r.returncode == 0, r.stdout + r.stderr
+    state = torch.load(str(exp / 'ckpt.pth'), map_location='cpu', weights_only=False)
+    assert state['epoch'] == 1 and state['world_size'] == 2 and len(state['rng']) == 2
+    log = open(exp / 'train.log').read()
+    assert 'on 2 process(es)' in log and log.count('epoch 1/1') == 1  # rank 0 alone writes
+    assert os.path.isfile(exp / 'metrics.json')
+
+
+def _parse_error(module, argv, capsys):
+    with pytest.raises(SystemExit) as e:
+        module.parse_args(argv)
+    assert e.value.code == 2
+    return capsys.readouterr().err
+
+
+@pytest.mark.parametrize('argv,message', [
+    (['--train_dataset', 'nowhere'], "--train_dataset 'nowhere' is unknown"),
+    (['--train_partitons', 'missing/partitions.pkl'], '--train_partitons: partitions file not found'),
+    (['--resume', 'maybe'], 'argument --resume: invalid boolean value'),
+    (['--normalize_feature', 'sure'], 'argument --normalize_feature: invalid boolean value'),
+    (['--base_model', 'vgg16'], 'argument --base_model: invalid choice'),
+    (['--lr_decay_type', 'cosine'], 'argument --lr_decay_type: invalid choice'),
+])
+def test_train_bad_flags(argv, message, capsys):
+    assert message in _parse_error(train_script, argv, capsys)
+
+
+def test_train_bad_combinations(world, tmp_path, capsys):
+    base = ['--train_partitons', world['market'], '--exp_dir', str(tmp_path / 'none')]
+    assert '--ids_per_batch 32 exceeds the 10 identities' in _parse_error(train_script, base, capsys)
+    assert '--ims_per_id must be at least 2' in _parse_error(
+        train_script, base + ['--ids_per_batch', '4', '--ims_per_id', '1'], capsys)
+    assert '-glw, -llw and -idlw are all 0' in _parse_error(
+        train_script, base + ['--ids_per_batch', '4', '-glw', '0'], capsys)
+    assert '--resume true: no checkpoint at' in _parse_error(train_script, base + ['--resume', 'true'], capsys)
+    assert '--pretrained_path: file not found' in _parse_error(
+        train_script, base + ['--ids_per_batch', '4', '--pretrained_path', 'nope.pth'], capsys)
+    assert '--device cuda' in _parse_error(train_script, base + ['--ids_per_batch', '4', '--device', 'cuda'],
+                                           capsys) or torch.cuda.is_available()
+    bad = tmp_path / 'bad.pkl'
+    bad.write_bytes(b'not a pickle')
+    assert '--train_partitons {}'.format(bad) in _parse_error(
+        train_script, ['--train_partitons', str(bad), '--exp_dir', str(tmp_path / 'none')], capsys)
+
+
+def test_test_script_bad_input(world, tmp_path, capsys):
+    none = str(tmp_path / 'none')
+    assert 'no trained model for --train_dataset market1501' in _parse_error(
+        test_script, ['--exp_dir', none, '--test_partitons', world['market']], capsys)
+    assert '--model_weight_file: file not found' in _parse_error(
+        test_script, ['--model_weight_file', 'nope.pth', '--test_partitons', world['market']], capsys)
+    weights = tmp_path / 'w.pth'
+    torch.save({'x': torch.zeros(1)}, str(weights))
+    assert '--test_partitons: partitions file not found' in _parse_error(
+        test_script, ['--model_weight_file', str(weights), '--test_partitons', 'missing.pkl'], capsys)
+    assert "--test_dataset 'elsewhere' is unknown" in _parse_error(
+        test_script, ['--model_weight_file', str(weights), '--test_dataset', 'elsewhere'], capsys)
+    assert 'argument --test_distance: invalid choice' in _parse_error(test_script, ['--test_distance', 'l1'], capsys)
+    args = test_script.parse_args(['--model_weight_file', str(weights), '--test_partitons', world['market'],
+                                   '--exp_dir', none, '--base_model', 'resnet18'])
+    with pytest.raises(ValueError, match='weights do not fit a resnet18 model'):
+        test_script.load_model(args.model_weight_file, args, torch.device('cpu'))
