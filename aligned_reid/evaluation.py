@@ -1,6 +1,9 @@
 """Test-time evaluation: feature extraction, query x gallery distances (global, local, global+local),
 the Market-1501 ranking protocol (CMC, mAP, mINP), multi-query pooling, evaluate() and its table."""
 
+import os
+from concurrent.futures import ThreadPoolExecutor
+
 import numpy as np
 import torch
 from tqdm import tqdm
@@ -255,60 +258,16 @@ def evaluate_rank(distmat, q_ids, g_ids, q_cams, g_cams, max_rank=50, ap_mode='s
                          f"g_cams {g_cams.shape}")
     if max_rank < 1:
         raise ValueError(f"evaluate_rank: max_rank must be >= 1, got {max_rank}")
-    if np.isnan(distmat).any():
+    if distmat.size and np.isnan(np.max(distmat)):              # max propagates NaN
         raise ValueError("evaluate_rank: distmat holds NaN")
     has_junk = bool((g_ids < 0).any())
     block = block_rows or max(1, _BLOCK_ELEMENTS // max(1, G))
-
-    # Sparse events per block, keyed by row * G + sorted position.
-    good_rows, good_kept = [], []
+    rows, kept = _good_ranks(distmat, q_ids, g_ids, q_cams, g_cams, separate_camera_set, block)
     ss_orders = {}
-    for s in range(0, Q, block):
-        e = min(Q, s + block)
-        dist = distmat[s:e]
-        order = np.argsort(dist, axis=1)                        # [B, G], ties fixed below
-        ids_sorted = g_ids[order]                               # [B, G]
-        r, p = np.nonzero(ids_sorted == q_ids[s:e, None])       # same id, row-major
-        same_cam = g_cams[order[r, p]] == q_cams[s + r]
-        removed_keys = [r[same_cam] * G + p[same_cam]]
-        if has_junk or separate_camera_set:
-            extra = np.zeros(order.shape, dtype=bool)
-            if has_junk:
-                extra |= ids_sorted < 0
-            if separate_camera_set:
-                extra |= g_cams[order] == q_cams[s:e, None]
-            rr, pp = np.nonzero(extra)
-            removed_keys.append(rr * G + pp)
-        removed = np.unique(np.concatenate(removed_keys))       # sorted
-        keys = r * G + p
-        is_good = ~np.isin(keys, removed, assume_unique=True)
-        keys, r, p = keys[is_good], r[is_good], p[is_good]
-        # kept position = sorted position - removed items before it in the same row
-        before = np.searchsorted(removed, keys) - np.searchsorted(removed, r * G)
-        kept = p - before
-        # The fast sort leaves equal distances in any order; only a good item with an equal
-        # neighbour can then sit at a wrong kept position. Count those directly under the
-        # documented order (distance, then gallery index).
-        col = order[r, p]
-        v = dist[r, col]
-        tied = np.zeros(len(p), dtype=bool)
-        for shift in (-1, 1):
-            ok = (p + shift >= 0) & (p + shift < G)
-            tied[ok] |= dist[r[ok], order[r[ok], p[ok] + shift]] == v[ok]
-        for t in np.flatnonzero(tied):
-            qi, drow = s + r[t], dist[r[t]]
-            ahead = (drow < v[t]) | ((drow == v[t]) & (np.arange(G) < col[t]))
-            kept[t] = np.count_nonzero(ahead & _kept_mask(qi, q_ids, g_ids, q_cams, g_cams,
-                                                         separate_camera_set))
-        good_rows.append(r + s)
-        good_kept.append(kept)
-        if single_gallery_shot:
-            for row in np.unique(r):
-                ss_orders[s + row] = np.argsort(dist[row], kind='stable')
-    rows = np.concatenate(good_rows)
-    kept = np.concatenate(good_kept)
-    by_rank = np.lexsort((kept, rows))                          # rows, then kept position
-    rows, kept = rows[by_rank], kept[by_rank].astype(np.float64)
+    if single_gallery_shot:
+        for qi in np.unique(rows):
+            ss_orders[qi] = np.argsort(distmat[qi], kind='stable')
+    kept = kept.astype(np.float64)
 
     num_good = np.bincount(rows, minlength=Q)
     valid = num_good > 0
@@ -344,6 +303,65 @@ def evaluate_rank(distmat, q_ids, g_ids, q_cams, g_cams, max_rank=50, ap_mode='s
     return {'cmc': cmc, 'mAP': float(ap.mean()), 'mINP': float(inp.mean()), 'all_AP': ap,
             'all_INP': inp, 'valid': valid, 'num_valid_queries': num_valid,
             'num_skipped': int(Q - num_valid)}
+
+
+def _good_ranks(distmat, q_ids, g_ids, q_cams, g_cams, separate_camera_set, block):
+    """Every good match (same id, other camera, id >= 0) of every query and its 0-based
+    position among the query's kept gallery items, ordered by (distance, gallery index).
+
+    Instead of arg-sorting each row, the kept distances of a row block are sorted as values
+    (removed items masked with NaN, which sorts last) and each good item's position is read
+    by binary search; only a good item whose distance is shared by another kept item needs a
+    direct count to apply the index tie rule. Row blocks run on a few threads (numpy releases
+    the GIL while sorting). Returns (rows [E], kept [E]) sorted by row, then position."""
+    Q, G = distmat.shape
+    by_id = np.argsort(g_ids, kind='stable')                     # gallery grouped by id
+    ids_sorted = g_ids[by_id]
+    lo = np.searchsorted(ids_sorted, q_ids, 'left')
+    hi = np.searchsorted(ids_sorted, q_ids, 'right')
+    junk = np.flatnonzero(g_ids < 0)
+
+    def one_block(s):
+        e = min(Q, s + block)
+        n = hi[s:e] - lo[s:e]
+        r = np.repeat(np.arange(e - s), n)                       # same-id pairs (row, item)
+        j = by_id[np.repeat(lo[s:e], n) + np.arange(n.sum()) - np.repeat(np.cumsum(n) - n, n)]
+        same_cam = g_cams[j] == q_cams[s + r]
+        dist = distmat[s:e]
+        masked = np.array(dist, copy=True)
+        masked[r[same_cam], j[same_cam]] = np.nan
+        if len(junk):
+            masked[:, junk] = np.nan
+        if separate_camera_set:
+            masked[g_cams[None, :] == q_cams[s:e, None]] = np.nan
+        masked.sort(axis=1)                                      # kept values, NaN last
+        good = ~same_cam & (g_ids[j] >= 0)
+        r, j = r[good], j[good]
+        v = dist[r, j]
+        pos = np.empty(len(r), dtype=np.int64)
+        tied = np.zeros(len(r), dtype=bool)
+        bounds = np.concatenate([[0], np.cumsum(np.bincount(r, minlength=e - s))])
+        for row in np.flatnonzero(np.diff(bounds)):
+            a, b = bounds[row], bounds[row + 1]
+            left = np.searchsorted(masked[row], v[a:b], 'left')
+            pos[a:b] = left
+            tied[a:b] = np.searchsorted(masked[row], v[a:b], 'right') - left > 1
+        for t in np.flatnonzero(tied):                           # equal distances: index order
+            keep = _kept_mask(s + r[t], q_ids, g_ids, q_cams, g_cams, separate_camera_set)
+            pos[t] += np.count_nonzero(keep[:j[t]] & (dist[r[t], :j[t]] == v[t]))
+        return r + s, pos
+
+    starts = range(0, Q, block)
+    workers = min(4, os.cpu_count() or 1, len(starts))
+    if workers > 1:
+        with ThreadPoolExecutor(workers) as pool:
+            parts = list(pool.map(one_block, starts))
+    else:
+        parts = [one_block(s) for s in starts]
+    rows = np.concatenate([p[0] for p in parts])
+    kept = np.concatenate([p[1] for p in parts])
+    order = np.lexsort((kept, rows))
+    return rows[order], kept[order]
 
 
 def _kept_mask(qi, q_ids, g_ids, q_cams, g_cams, separate_camera_set):

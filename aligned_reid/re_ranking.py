@@ -34,7 +34,7 @@ def re_ranking(q_g_dist, q_q_dist, g_g_dist, k1=20, k2=6, lambda_value=0.3):
 
     def sq(x):
         x = np.asarray(x, dtype=dtype)
-        return (x * x).astype(np.float32)
+        return (x * x).astype(np.float32, copy=False)
 
     def rows(s, e):
         """Rows s:e of T's numerator: columns s:e of D, squared -> [B, Q+G]."""
@@ -45,7 +45,7 @@ def re_ranking(q_g_dist, q_q_dist, g_g_dist, k1=20, k2=6, lambda_value=0.3):
         if e > Q:
             a, b = max(s, Q) - Q, e - Q
             parts.append(np.concatenate([q_g[:, a:b].T, g_g[:, a:b].T], axis=1))
-        return torch.from_numpy(sq(np.concatenate(parts, axis=0)))
+        return sq(np.concatenate(parts, axis=0))
 
     def pairs(i, j):
         """T numerators at (i, j): D[j, i] squared -> [P]."""
@@ -104,7 +104,7 @@ def re_ranking_features(q_feats, g_feats, distance='global', k1=20, k2=6, lambda
 
     def rows(s, e):
         d = compute_dist({k: v[s:e] for k, v in allf.items()}, allf, device=device, **kw)
-        return torch.from_numpy(d * d)
+        return d * d
 
     def pairs(i, j):
         out = np.empty(len(i), dtype=np.float32)
@@ -133,15 +133,47 @@ def _np(x, name):
     return x
 
 
-def _nearest(t, K):
-    """Indices of the K smallest entries of each row of t [B, N] (torch float32), ascending,
-    ties by lower index (the order a stable argsort gives) -> np.int64 [B, K]."""
-    n = t.shape[1]
-    vals, idx = torch.topk(t, min(K + 1, n), dim=1, largest=False, sorted=True)
-    idx = idx[:, :K].numpy().copy()
-    tied = torch.nonzero((vals[:, 1:] == vals[:, :-1]).any(1)).flatten().tolist()
-    for r in tied:
-        idx[r] = np.argsort(t[r].numpy(), kind='stable')[:K]
+def _nearest(d2, m, K, chunk=16):
+    """Indices of the K smallest entries of each row of T = d2 / m (d2 [B, N] np.float32,
+    m [B]), ascending, ties in T by lower index (the order a stable argsort of T gives)
+    -> np.int64 [B, K].
+
+    Exact two-stage selection: the K + 1 smallest values of a row lie in the K + 1 column
+    chunks (strided sets of columns) with the smallest minima, so only those are sorted. Dividing by m > 0 keeps
+    the order of d2 but may merge neighbours into ties; rows with a tie in T among the K + 1
+    candidates, or tied chunk minima at the boundary, are redone with a stable sort of T."""
+    B, n = d2.shape
+    width = n // chunk                                         # chunk c: columns c + k * width
+    if width <= K + 2:                                         # small rows: sort them all
+        return np.argsort(d2 / m[:, None], axis=1, kind='stable')[:, :K]
+    mins = d2[:, :width].copy()
+    for k in range(1, chunk):
+        np.minimum(mins, d2[:, k * width:(k + 1) * width], out=mins)
+    if n > chunk * width:                                      # leftover columns join chunk 0..
+        rest = d2[:, chunk * width:]
+        np.minimum(mins[:, :rest.shape[1]], rest, out=mins[:, :rest.shape[1]])
+    pick = np.argpartition(mins, K + 1, axis=1)[:, :K + 2]     # the K + 2 smallest chunks
+    pm = np.take_along_axis(mins, pick, 1)
+    o = np.argsort(pm, axis=1, kind='stable')
+    pick, pm = np.take_along_axis(pick, o, 1), np.take_along_axis(pm, o, 1)
+    boundary_tie = pm[:, K] == pm[:, K + 1]
+    steps = np.arange(chunk + (1 if n > chunk * width else 0)) * width
+    cols = (pick[:, :K + 1, None] + steps).reshape(B, -1)
+    cols = np.where(cols < n, cols, pick[:, :K + 1, None].repeat(len(steps), 2).reshape(B, -1))
+    cand = np.take_along_axis(d2, cols, 1) / m[:, None]        # T of the candidates
+    o = np.lexsort((cols, cand), axis=1)                       # by T, then column
+    cand = np.take_along_axis(cand, o, 1)
+    cols = np.take_along_axis(cols, o, 1)
+    # drop repeated columns (padding of chunks without a leftover column)
+    same = np.zeros(cols.shape, dtype=bool)
+    same[:, 1:] = cols[:, 1:] == cols[:, :-1]
+    cand = np.where(same, np.inf, cand)
+    o = np.argsort(cand, axis=1, kind='stable')
+    cand = np.take_along_axis(cand, o, 1)[:, :K + 1]
+    idx = np.take_along_axis(cols, o, 1)[:, :K].copy()
+    tied = (cand[:, 1:] == cand[:, :-1]).any(1) | boundary_tie
+    for r in np.flatnonzero(tied):
+        idx[r] = np.argsort(d2[r] / m[r], kind='stable')[:K]
     return idx
 
 
@@ -183,7 +215,7 @@ def _expansion(R, H, block):
 
 
 def _re_rank_core(Q, N, rows, pairs, k1, k2, lambda_value, block_rows=None):
-    """Shared implementation. rows(s, e) -> torch float32 [B, N]: rows s:e of the squared
+    """Shared implementation. rows(s, e) -> np.float32 [B, N]: rows s:e of the squared
     distances whose row max normalises T; pairs(i, j) -> np.float32 [P]: the same values at
     explicit (row, column) pairs. Returns the final distance np.float32 [Q, N - Q]."""
     if k1 < 1 or k2 < 1:
@@ -200,17 +232,17 @@ def _re_rank_core(Q, N, rows, pairs, k1, k2, lambda_value, block_rows=None):
     # Pass 1: normalised rows -> max, nearest neighbours, query x gallery part of T.
     for s in range(0, N, block):
         e = min(N, s + block)
-        d2 = rows(s, e)                                        # [B, N] float32
-        if torch.isnan(d2).any():
+        d2 = rows(s, e)                                        # [B, N] np.float32
+        m = d2.max(1)                                          # NaN propagates
+        if np.isnan(m).any():
             raise ValueError("re_ranking: the distances hold NaN")
-        m = d2.max(1).values
-        m = torch.where(m > 0, m, torch.ones_like(m))          # all-zero row: leave it at 0
-        t = d2 / m[:, None]
-        rowmax[s:e] = m.numpy()
-        nearest[s:e] = _nearest(t, K)
+        m = np.where(m > 0, m, np.float32(1.))                 # all-zero row: leave it at 0
+        rowmax[s:e] = m
+        nearest[s:e] = _nearest(d2, m, K)
         if s < Q:
-            final[s:min(e, Q)] = t[:min(e, Q) - s, Q:].numpy()
-        del d2, t
+            b = min(e, Q) - s
+            final[s:s + b] = d2[:b, Q:] / m[:b, None]
+        del d2
     # k-reciprocal sets and their expansion.
     sblock = max(1, (1 << 21) // (K * K))
     R = _reciprocal(nearest[:, :min(N, k1 + 1)], sblock)

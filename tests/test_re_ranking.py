@@ -102,3 +102,16 @@ def test_features_entry_normalized_and_bad_name():
         re_ranking_features(q, g, distance='cos')
     with pytest.raises(ValueError, match="shapes do not fit"):
         re_ranking(mats[0], mats[2], mats[1])
+
+
+@pytest.mark.parametrize("n,K", [(500, 21), (333, 7), (1000, 11)])
+def test_nearest_selection_is_a_stable_sort(n, K):
+    # the two-stage top-K must equal the head of a stable argsort of T = d2 / m, ties included
+    from aligned_reid.re_ranking import _nearest
+    rng = np.random.default_rng(n + K)
+    d2 = rng.random((40, n)).astype(np.float32)
+    d2[:10] = rng.integers(0, 30, (10, n)).astype(np.float32)   # many exact ties
+    d2[10:20] = (d2[10:20] * 1e-3 + 1).astype(np.float32)        # ties created by the division
+    m = d2.max(1) * np.float32(3.3)
+    want = np.argsort(d2 / m[:, None], axis=1, kind='stable')[:, :K]
+    np.testing.assert_array_equal(_nearest(d2, m, K), want)
