@@ -27,31 +27,43 @@ def euclidean_dist(x, y):
     return d2.clamp_min(1e-12).sqrt()
 
 
-def _stripe_map(d2):
-    """Squared stripe distances -> (e^d - 1) / (e^d + 1) of the distance d.
+def _sigmoid_of_dist(d2, inplace=False):
+    """Squared stripe distances d^2 -> sigmoid(d), clamped at 1e-12 before the square root.
 
-    (e^d - 1) / (e^d + 1) equals tanh(d / 2); tanh does not overflow for large d."""
-    return torch.tanh((d2 * 0.25).clamp_min(1e-12).sqrt())
+    The element map of the paper, (e^d - 1) / (e^d + 1) = tanh(d / 2), equals 2 sigmoid(d) - 1.
+    Every monotone path through an m x n grid visits m + n - 1 cells, so the path sum of the
+    map is 2 (path sum of sigmoid(d)) - (m + n - 1), and the same path is shortest for both:
+    the callers run on sigmoid(d) and apply the affine map to the sums, which saves two full
+    passes over the grid (and sigmoid is several times cheaper than tanh on CPUs)."""
+    if inplace:
+        return d2.clamp_min_(1e-12).sqrt_().sigmoid_()
+    return torch.sigmoid(d2.clamp_min(1e-12).sqrt())
 
 
 def _shortest_path_cells_first(dist):
-    """Shortest monotone path sum for dist [m, n, P] (cells first, P paths last) -> [P].
+    """Shortest monotone path sum for dist [m, n, *P] (grid first, path dims after) -> [*P].
 
     The dynamic programme D[i, j] = dist[i, j] + min(D[i-1, j], D[i, j-1]) is swept along the
-    m + n - 1 anti-diagonals i + j = k; every cell of a diagonal, for all P paths at once, is one
-    tensor operation. The cells of diagonal k sit at flat indices k + i (n - 1) of the [m * n, P]
-    view, so each diagonal is a strided slice (no gather). Out-of-place, hence differentiable."""
+    m + n - 1 anti-diagonals i + j = k; every cell of a diagonal, for all paths at once, is one
+    tensor operation. Whatever the strides of `dist`, the cells (i, k - i) of a diagonal are
+    equally spaced in memory (step stride_i - stride_j), so each diagonal is a strided view,
+    not a gather or a copy. Out-of-place, hence differentiable."""
     m, n = dist.shape[:2]
     if m == 1 or n == 1:
-        return dist.reshape(m * n, -1).sum(0)
-    flat = dist.reshape(m * n, -1)                  # [m * n, P]
-    step = n - 1
-    prev = flat[0:1]                                # diagonal 0: cell (0, 0)
+        return dist.sum(dim=(0, 1))
+    s_i, s_j = dist.stride(0), dist.stride(1)
+    tail_size, tail_stride = list(dist.shape[2:]), list(dist.stride()[2:])
+    offset = dist.storage_offset()
+
+    def diagonal(k, lo, hi):            # cells (lo, k - lo) ... (hi, k - hi): [hi - lo + 1, *P]
+        return dist.as_strided([hi - lo + 1] + tail_size, [s_i - s_j] + tail_stride,
+                               offset + lo * s_i + (k - lo) * s_j)
+
+    prev = dist[0:1, 0]                             # diagonal 0: cell (0, 0)
     prev_lo, prev_hi = 0, 0                         # row range of the previous diagonal
     for k in range(1, m + n - 1):
         lo, hi = max(0, k - n + 1), min(k, m - 1)
-        start = k + lo * step
-        cells = flat[start:start + (hi - lo) * step + 1:step]   # [hi - lo + 1, P]
+        cells = diagonal(k, lo, hi)
         # Rows i in [a, b] have both predecessors: up (i-1, j) and left (i, j-1).
         a, b = max(lo, prev_lo + 1), min(hi, prev_hi)
         up = prev[a - 1 - prev_lo:b - prev_lo]
@@ -106,32 +118,28 @@ def local_dist(x, y, block_size=None, aligned=True):
     if block_size < 1:
         raise ValueError(f"local_dist: block_size must be >= 1, got {block_size}")
     need_grad = torch.is_grad_enabled() and (x.requires_grad or y.requires_grad)
-    # Quarter squared distances, so that the grid holds (d / 2)^2 and tanh(d / 2) needs no scaling.
-    ys = y.transpose(0, 1)                           # [n, N, d]
-    yy = ys.pow(2).sum(-1) * 0.25                    # [n, N]
-    y_flat = ys.reshape(n * N, -1)                   # [n * N, d]
+    # One matmul gives d^2 = |x|^2 + |y|^2 - 2 x.y for every stripe pair, with the norms
+    # folded in as two extra columns: [x, |x|^2, 1] . [-2 y, 1, |y|^2].
+    y_aug = torch.cat([-2. * y, y.new_ones(N, n, 1), y.pow(2).sum(-1, keepdim=True)], -1)
+    y_aug = y_aug.transpose(0, 1).reshape(n * N, -1)  # [n * N, d + 2]
     out = []
     for start in range(0, M, block_size):
-        xs = x[start:start + block_size].transpose(0, 1)   # [m, B, d]
-        B = xs.size(1)
-        xx = xs.pow(2).sum(-1) * 0.25                # [m, B]
+        xb = x[start:start + block_size]              # [B, m, d]
+        B = xb.size(0)
+        x_aug = torch.cat([xb, xb.pow(2).sum(-1, keepdim=True), xb.new_ones(B, m, 1)], -1)
         if aligned:
-            # Cells-first layout [m, n, B, N]: every grid cell is one contiguous B x N block,
-            # written directly by the first elementwise operation (no separate permute copy).
-            prod = (xs.reshape(m * B, -1) @ y_flat.t()).view(m, B, n, N).transpose(1, 2)
-            base = xx[:, None, :, None] + yy[None, :, None, :]     # [m, n, B, N]
+            grid = x_aug.transpose(0, 1).reshape(m * B, -1) @ y_aug.t()        # [m * B, n * N]
         else:
-            prod = torch.bmm(xs, ys.transpose(1, 2))               # [m, B, N], stripe i to i
-            base = xx[:, :, None] + yy[:, None, :]
-        if need_grad:
-            grid = torch.tanh(torch.add(base, prod, alpha=-0.5).clamp_min(1e-12).sqrt())
-        else:
-            grid = base
-            grid.add_(prod, alpha=-0.5).clamp_min_(1e-12).sqrt_().tanh_()
+            x_aug = x_aug.transpose(0, 1)                                       # [m, B, d + 2]
+            grid = torch.bmm(x_aug, y_aug.view(n, N, -1).transpose(1, 2))      # [m, B, N]
+        grid = _sigmoid_of_dist(grid, inplace=not need_grad)
         if aligned:
-            out.append(_shortest_path_cells_first(grid).reshape(B, N))
+            # [m, n, B, N] view of the [m, B, n, N] matrix: each grid cell is B rows of N
+            # contiguous pairs, and the shortest-path sweep reads the diagonals in place.
+            grid = grid.view(m, B, n, N).transpose(1, 2)
+            out.append(2. * _shortest_path_cells_first(grid) - (m + n - 1))
         else:
-            out.append(grid.sum(0))
+            out.append(2. * grid.sum(0) - m)
     if not out:
         return x.new_zeros(0, N)
     return torch.cat(out, 0)
@@ -146,13 +154,14 @@ def batch_local_dist(x, y, aligned=True):
     if x.size(0) != y.size(0):
         raise ValueError(f"batch_local_dist needs as many rows in x as in y, got "
                          f"{x.size(0)} and {y.size(0)}")
+    m, n = x.size(1), y.size(1)
     if not aligned:
-        return _stripe_map((x - y).pow(2).sum(-1)).sum(-1)
+        return 2. * _sigmoid_of_dist((x - y).pow(2).sum(-1)).sum(-1) - m
     xx = x.pow(2).sum(-1)                            # [N, m]
     yy = y.pow(2).sum(-1)                            # [N, n]
     d2 = xx[:, :, None] + yy[:, None, :] - 2. * torch.bmm(x, y.transpose(1, 2))  # [N, m, n]
-    grid = _stripe_map(d2).permute(1, 2, 0).contiguous()                        # [m, n, N]
-    return _shortest_path_cells_first(grid)
+    grid = _sigmoid_of_dist(d2).permute(1, 2, 0)                                # [m, n, N]
+    return 2. * _shortest_path_cells_first(grid) - (m + n - 1)
 
 
 def hard_example_mining(dist, labels):
