@@ -3,8 +3,8 @@ shortest-path local distances, batch-hard mining, triplet / ID / mutual-learning
 import torch
 import torch.nn.functional as F
 
-# Element count (pairs x m x n) of one block of stripe distances in `local_dist`: about 8 MB
-# of float32, small enough to stay in cache while the shortest-path sweep runs over it.
+# Default grid cells (pairs x m x n) per block of `local_dist`: 8 MB of float32, the one
+# large buffer a block needs (the map and the path sweep reuse the matmul output).
 _BLOCK_ELEMENTS = 1 << 21
 
 
@@ -109,8 +109,11 @@ def local_dist(x, y, block_size=None, aligned=True):
     aligned distance is the shortest right/down path through that grid (`shortest_path`),
     the unaligned one (aligned=False, needs m == n) the sum of its diagonal. Rows of x are
     processed `block_size` at a time (default: about 2M grid cells per block), so memory
-    stays bounded for query x gallery matrices. Differentiable."""
+    stays bounded for query x gallery matrices. Half-precision inputs are computed in float32.
+    Differentiable."""
     _check_stripes(x, y, aligned, "local_dist")
+    if x.dtype in (torch.float16, torch.bfloat16) or y.dtype in (torch.float16, torch.bfloat16):
+        x, y = x.float(), y.float()
     M, m, _ = x.shape
     N, n, _ = y.shape
     if block_size is None:
@@ -211,6 +214,10 @@ def _triplet_stats(prefix, dist_ap, dist_an, margin):
             f"{prefix}_dist_an": dist_an.mean().item()}
 
 
+def _at_least_float32(t):
+    return t.float() if t.dtype in (torch.float16, torch.bfloat16) else t
+
+
 def compute_losses(outputs, labels, global_margin=0.3, local_margin=0.3, global_loss_weight=1.,
                    local_loss_weight=0., id_loss_weight=0., normalize_feature=False,
                    local_dist_own_hard_sample=False, label_smoothing=0.):
@@ -221,12 +228,12 @@ def compute_losses(outputs, labels, global_margin=0.3, local_margin=0.3, global_
     global feature per vector and the local feature per stripe. The local triplet loss uses
     the pairs mined on the global distance unless local_dist_own_hard_sample, in which case it
     mines on the full local distance matrix. The ID loss is cross-entropy with optional
-    label smoothing.
+    label smoothing. Features and logits are used in float32 (or float64), also under autocast.
 
     Returns a dict: 'loss' (weighted total, tensor), 'global_loss' with the global_* statistics
     (always), 'local_loss' with local_* statistics when local_loss_weight > 0, 'id_loss' and
     'id_prec' when id_loss_weight > 0. Statistics are python floats."""
-    g = outputs["global"]
+    g = _at_least_float32(outputs["global"])
     if normalize_feature:
         g = normalize(g, dim=-1)
     g_dist = euclidean_dist(g, g)                                        # [N, N]
@@ -236,7 +243,7 @@ def compute_losses(outputs, labels, global_margin=0.3, local_margin=0.3, global_
     total = global_loss_weight * terms["global_loss"]
 
     if local_loss_weight > 0:
-        lf = outputs["local"]
+        lf = _at_least_float32(outputs["local"])
         if normalize_feature:
             lf = normalize(lf, dim=-1)
         if local_dist_own_hard_sample:
@@ -252,7 +259,7 @@ def compute_losses(outputs, labels, global_margin=0.3, local_margin=0.3, global_
         if outputs.get("logits") is None:
             raise ValueError("compute_losses: id_loss_weight > 0 needs outputs['logits']; build "
                              "the Model with num_classes set")
-        logits = outputs["logits"]
+        logits = _at_least_float32(outputs["logits"])
         terms["id_loss"] = F.cross_entropy(logits, labels, label_smoothing=label_smoothing)
         terms["id_prec"] = (logits.detach().argmax(1) == labels).float().mean().item()
         total = total + id_loss_weight * terms["id_loss"]
@@ -280,14 +287,15 @@ def mutual_losses(outputs, partner_outputs, labels, prob_weight=0., global_dist_
     if prob_weight > 0:
         if outputs.get("logits") is None or partner_outputs.get("logits") is None:
             raise ValueError("mutual_losses: prob_weight > 0 needs 'logits' from both models")
-        log_p = F.log_softmax(outputs["logits"], dim=1)
-        q = F.softmax(partner_outputs["logits"].detach(), dim=1)
+        log_p = F.log_softmax(_at_least_float32(outputs["logits"]), dim=1)
+        q = F.softmax(_at_least_float32(partner_outputs["logits"].detach()), dim=1)
         terms["prob_mutual_loss"] = F.kl_div(log_p, q, reduction="batchmean")
         total = total + prob_weight * terms["prob_mutual_loss"]
     for kind, weight in (("global", global_dist_weight), ("local", local_dist_weight)):
         if weight <= 0:
             continue
-        f, pf = outputs[kind], partner_outputs[kind].detach()
+        f = _at_least_float32(outputs[kind])
+        pf = _at_least_float32(partner_outputs[kind].detach())
         if normalize_feature:
             f, pf = normalize(f, dim=-1), normalize(pf, dim=-1)
         dist_fn = euclidean_dist if kind == "global" else local_dist

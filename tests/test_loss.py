@@ -319,3 +319,19 @@ def test_mutual_losses_values():
     g = out["global"].clone().requires_grad_(True)
     mutual_losses({**out, "global": g}, partner, labels, 1., 1., 1.)["loss"].backward()
     assert g.grad is not None and all(v.grad is None for v in partner.values())
+
+
+def test_local_dist_noncontiguous_and_half_inputs():
+    gen = torch.Generator().manual_seed(11)
+    big = torch.randn(5, 4, 12, generator=gen)
+    x = big[:, :, ::2]                              # non-contiguous [5, 4, 6]
+    y = big.flip(0)[:3, :, 1::2]
+    expected = local_dist(x.contiguous(), y.contiguous())
+    assert torch.allclose(local_dist(x, y, block_size=2), expected, atol=1e-5)
+    half = local_dist(x.bfloat16(), y.bfloat16())
+    assert half.dtype == torch.float32
+    assert torch.allclose(half, local_dist(x.bfloat16().float(), y.bfloat16().float()))
+    labels = torch.tensor([0, 0, 1, 1, 1])
+    out = {"global": big[:, 0].bfloat16(), "local": x.bfloat16()}
+    res = compute_losses(out, labels, local_loss_weight=1.)
+    assert res["loss"].dtype == torch.float32 and torch.isfinite(res["loss"])
