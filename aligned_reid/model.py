@@ -3,6 +3,7 @@ an aligned local branch (horizontal stripes -> 1x1 conv -> BN -> ReLU) and an op
 classifier."""
 import logging
 import os
+import pickle
 from collections import OrderedDict
 
 import torch
@@ -109,7 +110,14 @@ class Model(nn.Module):
         logs missing and unexpected keys and returns them as (missing, unexpected)."""
         if not os.path.isfile(path):
             raise FileNotFoundError(f"pretrained weights file not found: {path}")
-        obj = torch.load(path, map_location="cpu", weights_only=True)
+        try:
+            obj = torch.load(path, map_location="cpu", weights_only=True)
+        except pickle.UnpicklingError:
+            # Training checkpoints may also pickle args or RNG states; such a file is the
+            # user's own, so load it fully rather than refuse it.
+            logger.warning("%s holds more than tensors; loading it as a full pickle (only "
+                           "pass files you trust)", path)
+            obj = torch.load(path, map_location="cpu", weights_only=False)
         return self._load_base_state(_extract_state_dict(obj, path), path)
 
     def _load_base_state(self, state, source):

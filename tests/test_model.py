@@ -120,3 +120,16 @@ def test_pretrained_errors(tmp_path, monkeypatch):
     with pytest.raises(RuntimeError, match="--pretrained_path") as err:
         Model("resnet50", pretrained=True)
     assert "resnet50-0676ba61.pth" in str(err.value)
+
+
+def test_pretrained_from_training_checkpoint_with_extras(tmp_path):
+    import argparse
+    reference = randomized_resnet18().state_dict()
+    model_state = {"base." + k: v for k, v in reference.items() if not k.startswith("fc.")}
+    model_state["local_conv.weight"] = torch.zeros(128, 512, 1, 1)
+    path = tmp_path / "ckpt.pth"
+    torch.save({"model": model_state, "args": argparse.Namespace(lr=1.), "epoch": 2}, path)
+    model = Model("resnet18", pretrained_path=str(path))
+    assert torch.equal(model.base.state_dict()["layer3.0.conv1.weight"],
+                       reference["layer3.0.conv1.weight"])
+    assert not torch.equal(model.local_conv.weight, torch.zeros(128, 512, 1, 1))
