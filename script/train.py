@@ -144,10 +144,10 @@ def resolve_paths(args):
 NOT_RESTORED = ('resume', 'onlytest', 'exp_dir', 'device', 'workers')
 
 
-def explicit_dests(argv):
+def explicit_dests(argv, builder=None):
     """The argument names given on the command line `argv` (a parser whose defaults are all suppressed
-    keeps only those)."""
-    quiet = build_parser()
+    keeps only those). `builder`: the function building the script's parser (default: this one's)."""
+    quiet = (builder or build_parser)()
     for action in quiet._actions:
         action.default = argparse.SUPPRESS
     return set(vars(quiet.parse_known_args(argv)[0]))
@@ -377,17 +377,19 @@ def test_distances(local_loss_weight):
     return ('global', 'local', 'global_local') if local_loss_weight > 0 else ('global',)
 
 
-def final_test(model, partitions, im_dir, args, device, logger, amp=False):
-    """Tests the final model on the test split and writes metrics.json (rank 0 only)."""
+def final_test(model, partitions, im_dir, args, device, logger, amp=False, write=True, label=''):
+    """Tests the final model on the test split (global distance, plus local and global+local when the local
+    loss was trained; re-ranked too with --to_re_rank) and writes metrics.json. Rank 0 only."""
     if 'test_im_names' not in partitions:
         logger.info('%s has no test split; skipping the final test', args.train_partitions)
         return None
     results, table = evaluate(model, partitions, im_dir, 'test', args, device,
                               distances=test_distances(args.local_loss_weight), re_rank=args.to_re_rank, amp=amp)
-    logger.info('test on %s (%s):\n%s', args.train_dataset, args.train_partitions, table)
-    utils.write_json({'train_dataset': args.train_dataset, 'test_dataset': args.train_dataset,
-                'test_partitions': args.train_partitions, 'ap_mode': args.ap_mode,
-                'results': utils.metrics_summary(results)}, os.path.join(args.exp_dir, 'metrics.json'))
+    logger.info('%stest on %s (%s):\n%s', label, args.train_dataset, args.train_partitions, table)
+    if write:
+        utils.write_json({'train_dataset': args.train_dataset, 'test_dataset': args.train_dataset,
+                          'test_partitions': args.train_partitions, 'ap_mode': args.ap_mode,
+                          'results': utils.metrics_summary(results)}, os.path.join(args.exp_dir, 'metrics.json'))
     return results
 
 

@@ -196,12 +196,12 @@ def _weights(path):
 
 def test_resume_is_exact(world, tmp_path):
     common = ['--train_partitons', world['market'], '--to_re_rank', 'false', '-llw', '1'] + TINY
-    straight = _train(common + ['--exp_dir', str(tmp_path / 'a'), '--total_epochs', '3'])
-    assert len(straight) == 3 * 2  # 10 identities, 4 per batch: 2 steps per epoch
+    straight = _train(common + ['--exp_dir', str(tmp_path / 'a'), '--total_epochs', '2'])
+    assert len(straight) == 2 * 2  # 10 identities, 4 per batch: 2 steps per epoch
 
     # stopped after epoch 1, resumed
     first = _train(common + ['--exp_dir', str(tmp_path / 'b'), '--total_epochs', '1'])
-    rest = _train(common + ['--exp_dir', str(tmp_path / 'b'), '--total_epochs', '3', '--resume', 'true'])
+    rest = _train(common + ['--exp_dir', str(tmp_path / 'b'), '--total_epochs', '2', '--resume', 'true'])
     assert first + rest == straight
 
     # SIGTERM in the middle of epoch 2: the step finishes, the checkpoint is saved, the run exits
@@ -213,7 +213,7 @@ def test_resume_is_exact(world, tmp_path):
             os.kill(os.getpid(), signal.SIGTERM)
         return train_script.compute_losses(outputs, labels, **kw)
     with pytest.raises(SystemExit) as stopped:
-        _train(common + ['--exp_dir', str(tmp_path / 'c'), '--total_epochs', '3'], compute=signalling)
+        _train(common + ['--exp_dir', str(tmp_path / 'c'), '--total_epochs', '2'], compute=signalling)
     assert stopped.value.code == 128 + signal.SIGTERM
     state = torch.load(str(tmp_path / 'c' / 'ckpt.pth'), map_location='cpu', weights_only=False)
     assert (state['epoch'], state['step_in_epoch']) == (1, 1)
@@ -346,3 +346,21 @@ def test_test_script_bad_input(world, tmp_path, capsys):
                                    '--exp_dir', none, '--base_model', 'resnet18'])
     with pytest.raises(ValueError, match='weights do not fit a resnet18 model'):
         test_script.load_model(args.model_weight_file, args, torch.device('cpu'))
+
+
+def test_train_ml_one_epoch(world, tmp_path):
+    exp = tmp_path / 'ml'
+    r = subprocess.run([sys.executable, 'script/train_ml.py', '--train_partitons', world['market'], '--exp_dir', str(exp),
+                        '--total_epochs', '1', '-idlw', '1', '-pmlw', '1', '-gdmlw', '1', '--to_re_rank', 'false']
+                       + TINY, cwd=str(REPO), env=world['env'], capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stdout + r.stderr
+    state = torch.load(str(exp / 'ckpt.pth'), map_location='cpu', weights_only=False)
+    assert len(state['models']) == 2 and state['epoch'] == 1
+    assert not all(torch.equal(state['models'][0][k], state['models'][1][k]) for k in state['model'])
+    log = open(exp / 'train.log').read()
+    assert 'm1_prob_mutual_loss' in log and 'm2_global_dist_mutual_loss' in log
+    assert set(json.load(open(exp / 'metrics.json'))) >= {'results', 'results_model2'}
+    r = subprocess.run([sys.executable, 'script/train_ml.py', '--train_partitons', world['market'], '-pmlw', '1',
+                        '--exp_dir', str(tmp_path / 'none')] + TINY, cwd=str(REPO), env=world['env'],
+                       capture_output=True, text=True, timeout=300)
+    assert r.returncode == 2 and '-pmlw 1.0 needs the classifier: give -idlw > 0' in r.stderr

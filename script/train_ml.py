@@ -1,0 +1,256 @@
+"""Mutual learning (AlignedReID section 3.3, Zhang et al. "Deep Mutual Learning"): two models trained
+together on the same P x K batches, each pulled towards the other's class probabilities and distances.
+Flags as script/train.py, plus the mutual-loss weights -pmlw, -gdmlw, -ldmlw."""
+import os
+import sys
+import time
+
+import torch
+from torch.nn.parallel import DistributedDataParallel
+from tqdm import tqdm
+
+import train as single  # script/train.py, beside this file
+from aligned_reid import data, utils
+from aligned_reid.loss import compute_losses, mutual_losses
+from aligned_reid.model import Model
+
+NUM_MODELS = 2
+
+
+def build_parser():
+    p = single.build_parser()
+    p.description = __doc__
+    m = p.add_argument_group('mutual learning')
+    m.add_argument('-pmlw', '--prob_mutual_loss_weight', type=float, default=0.,
+                   help='weight of the KL divergence to the partner\'s class probabilities (needs -idlw > 0). '
+                        'Default: 0')
+    m.add_argument('-gdmlw', '--global_dist_mutual_loss_weight', type=float, default=0.,
+                   help='weight of the squared difference to the partner\'s global distance matrix. Default: 0')
+    m.add_argument('-ldmlw', '--local_dist_mutual_loss_weight', type=float, default=0.,
+                   help='weight of the squared difference to the partner\'s local distance matrix. Default: 0')
+    for action in p._actions:
+        if action.dest == 'exp_dir':
+            action.help = ('experiment folder. Default: exp/train_ml/<train_dataset> under the current folder')
+    return p
+
+
+def parse_args(argv=None):
+    argv = sys.argv[1:] if argv is None else list(argv)
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if args.exp_dir is None:
+        args.exp_dir = os.path.join('exp', 'train_ml', args.train_dataset)
+    args = single.check_args(parser, args, single.explicit_dests(argv, build_parser))
+    for flag in ('prob_mutual_loss_weight', 'global_dist_mutual_loss_weight', 'local_dist_mutual_loss_weight'):
+        if getattr(args, flag) < 0:
+            parser.error('--{} must not be negative, got {}'.format(flag, getattr(args, flag)))
+    if args.prob_mutual_loss_weight > 0 and args.id_loss_weight == 0:
+        parser.error('-pmlw {} needs the classifier: give -idlw > 0'.format(args.prob_mutual_loss_weight))
+    return args
+
+
+def train_one_epoch(models, loader, optimizers, scalers, device, epoch, losses, mutual, amp_dtype=None,
+                    start_step=0, stop=None, channels_last=False):
+    """One pass of both models over the same batches. Model i minimises its own AlignedReID losses plus
+    the mutual losses against the other model's (detached) outputs. Returns (mean statistics with 'm1_' /
+    'm2_' prefixes, images seen on all ranks, steps done, stopped early)."""
+    for m in models:
+        m.train()
+    sums, n_steps, n_images = {}, 0, 0
+    total = len(loader)
+    bar = tqdm(single._remaining_batches(loader, start_step), total=total, initial=start_step,
+               desc='epoch {}'.format(epoch), disable=not utils.is_main(), leave=False, dynamic_ncols=True)
+    stopped, step = False, start_step
+    for step, (images, labels) in enumerate(bar, start=start_step + 1):
+        images, labels = images.to(device), labels.to(device)
+        if channels_last:
+            images = images.contiguous(memory_format=torch.channels_last)
+        outputs = []
+        for m in models:
+            with torch.autocast(device_type=device.type, dtype=amp_dtype or torch.float32,
+                                enabled=amp_dtype is not None):
+                outputs.append({k: v.float() for k, v in m(images).items()})
+        results, bad = [], []
+        for i, out in enumerate(outputs):
+            own = compute_losses(out, labels, **losses)
+            ml = mutual_losses(out, outputs[1 - i], labels, normalize_feature=losses['normalize_feature'], **mutual)
+            r = dict(own, **{k: v for k, v in ml.items() if k != 'loss'})
+            r['own_loss'], r['mutual_loss'], r['loss'] = own['loss'], ml['loss'], own['loss'] + ml['loss']
+            results.append(r)
+            bad += ['model {} {}'.format(i + 1, k) for k, v in r.items()
+                    if k.endswith('loss') and not torch.isfinite(torch.as_tensor(single._scalar(v)))]
+        any_bad, stop_now = single._sync_flags(bool(bad), stop is not None and stop.requested, device)
+        if any_bad:
+            raise single.NonFiniteLoss('non-finite loss: {} at epoch {} step {}/{}'.format(
+                bad[0] if bad else 'a loss term on another rank', epoch, step, total))
+        for opt in optimizers:
+            opt.zero_grad(set_to_none=True)
+        for r, opt, scaler in zip(results, optimizers, scalers):
+            if scaler is not None:
+                scaler.scale(r['loss']).backward()
+            else:
+                r['loss'].backward()
+        for opt, scaler in zip(optimizers, scalers):
+            if scaler is not None:
+                scaler.step(opt)
+                scaler.update()
+            else:
+                opt.step()
+        for i, r in enumerate(results):
+            for k, v in r.items():
+                if isinstance(v, (int, float)) or (torch.is_tensor(v) and v.numel() == 1):
+                    key = 'm{}_{}'.format(i + 1, k)
+                    sums[key] = sums.get(key, 0.) + single._scalar(v)
+        n_steps += 1
+        n_images += images.shape[0] * utils.get_world_size()
+        if utils.is_main():
+            bar.set_postfix(loss1='{:.4f}'.format(sums['m1_loss'] / n_steps),
+                            loss2='{:.4f}'.format(sums['m2_loss'] / n_steps))
+        if stop_now:
+            stopped = True
+            break
+    bar.close()
+    means = {k: v / max(n_steps, 1) for k, v in sums.items()}
+    return utils.reduce_mean_scalars(means), n_images, step, stopped
+
+
+def save(path, models, optimizers, scalers, epoch, step_in_epoch, args):
+    """Both models in one atomic checkpoint; 'model' holds model 1 so that test.py tests it."""
+    rng = utils.all_gather_object(utils.get_rng_state())
+    if utils.is_main():
+        sds = [single.bare(m).state_dict() for m in models]
+        utils.save_checkpoint({
+            'model': sds[0], 'models': sds, 'optimizers': [o.state_dict() for o in optimizers],
+            'scalers': [s.state_dict() if s is not None else None for s in scalers],
+            'epoch': epoch, 'step_in_epoch': step_in_epoch, 'args': vars(args), 'rng': rng,
+            'world_size': utils.get_world_size()}, path)
+    utils.barrier()
+
+
+def main(args):
+    # seed and distributed set-up
+    rank, world, local_rank = utils.init_distributed(args.device)
+    device = torch.device('cuda', local_rank) if args.device == 'cuda' and world > 1 else torch.device(args.device)
+    main_proc = rank == 0
+    if main_proc:
+        os.makedirs(args.exp_dir, exist_ok=True)
+    utils.barrier()
+    logger = utils.setup_logging(os.path.join(args.exp_dir, 'train.log'), main_process=main_proc)
+    if main_proc:
+        utils.write_json(vars(args), os.path.join(args.exp_dir, 'args.json'))
+        logger.info('command: %s', ' '.join(sys.argv))
+    utils.set_seed(args.seed + rank)
+
+    # data
+    partitions = data.read_partitions(args.train_partitions)
+    im_dir = data.partitions_images_dir(args.train_partitions)
+    part = args.trainset_part
+    train_tf = data.build_transform(tuple(args.resize_h_w), train=True, crop_prob=args.crop_prob,
+                                    crop_ratio=args.crop_ratio, random_erasing=args.random_erasing)
+    loader = data.make_train_loader(im_dir, partitions[part + '_im_names'], partitions[part + '_ids2labels'],
+                                    args.ids_per_batch, args.ims_per_id, train_tf, workers=args.workers,
+                                    seed=args.seed, rank=rank, world_size=world, pin_memory=device.type == 'cuda')
+    num_classes = len(partitions[part + '_ids2labels'])
+
+    # models, losses, optimizers
+    models = [Model(base=args.base_model, last_stride=args.last_stride,
+                    local_conv_out_channels=args.local_conv_out_channels,
+                    num_classes=num_classes if args.id_loss_weight > 0 else None,
+                    pretrained=args.pretrained, pretrained_path=args.pretrained_path).to(device)
+              for _ in range(NUM_MODELS)]
+    amp_dtype, _ = single.amp_settings(args.amp, device, logger)
+    scalers = [single.amp_settings(args.amp, device, logger)[1] if amp_dtype == torch.float16 else None
+               for _ in models]
+    channels_last = amp_dtype is not None
+    if channels_last:
+        models = [m.to(memory_format=torch.channels_last) for m in models]
+    losses = single.loss_kwargs(args)
+    mutual = dict(prob_weight=args.prob_mutual_loss_weight, global_dist_weight=args.global_dist_mutual_loss_weight,
+                  local_dist_weight=args.local_dist_mutual_loss_weight)
+    optimizers = [torch.optim.Adam(m.parameters(), lr=args.base_lr, weight_decay=args.weight_decay) for m in models]
+
+    # resume
+    ckpt_path = os.path.join(args.exp_dir, 'ckpt.pth')
+    start_epoch, start_step = 0, 0
+    if args.resume or args.onlytest:
+        state = utils.load_checkpoint(ckpt_path)
+        for m, sd in zip(models, state['models']):
+            m.load_state_dict(sd)
+        if args.resume:
+            for o, sd in zip(optimizers, state['optimizers']):
+                o.load_state_dict(sd)
+            for s, sd in zip(scalers, state.get('scalers') or []):
+                if s is not None and sd:
+                    s.load_state_dict(sd)
+            start_epoch, start_step = state['epoch'], state.get('step_in_epoch', 0)
+            if len(state.get('rng') or []) == world:
+                utils.set_rng_state(state['rng'][rank])
+            logger.info('resumed from %s: %d epochs done', ckpt_path, start_epoch)
+
+    if not args.onlytest:
+        if world > 1:
+            models = [DistributedDataParallel(m, device_ids=[local_rank] if device.type == 'cuda' else None,
+                                              find_unused_parameters=True) for m in models]
+        writer = single.make_writer(args.exp_dir) if main_proc else None
+        stop = single.StopFlag()
+        stop.install()
+        for epoch in range(start_epoch + 1, args.total_epochs + 1):
+            lr = utils.lr_at_epoch(args.lr_decay_type, args.base_lr, epoch, args.total_epochs,
+                                   exp_decay_at_epoch=args.exp_decay_at_epoch,
+                                   staircase_decay_at_epochs=args.staircase_decay_at_epochs,
+                                   staircase_decay_multiply_factor=args.staircase_decay_multiply_factor)
+            for o in optimizers:
+                utils.set_lr(o, lr)
+            data.set_loader_epoch(loader, epoch)
+            t0 = time.time()
+            try:
+                stats, n_images, step, stopped = train_one_epoch(
+                    models, loader, optimizers, scalers, device, epoch, losses, mutual, amp_dtype=amp_dtype,
+                    start_step=start_step if epoch == start_epoch + 1 else 0, stop=stop, channels_last=channels_last)
+            except single.NonFiniteLoss as e:
+                logger.error('%s; stopping. The last good checkpoint is kept: %s', e, ckpt_path)
+                single.shutdown(stop, writer)
+                raise SystemExit('train_ml.py: {}'.format(e))
+            seconds = time.time() - t0
+            stats.update(lr=lr, images_per_s=n_images / max(seconds, 1e-9))
+            if stopped and step < len(loader):
+                save(ckpt_path, models, optimizers, scalers, epoch - 1, step, args)
+                logger.info('stopped by signal %s at epoch %d step %d; checkpoint saved to %s', stop.signum, epoch,
+                            step, ckpt_path)
+                single.shutdown(stop, writer)
+                raise SystemExit(128 + (stop.signum or 0))
+            logger.info('epoch %d/%d  lr %.3g  %.1f images/s  %.1f s  %s', epoch, args.total_epochs, lr,
+                        stats['images_per_s'], seconds, '  '.join('{} {:.4f}'.format(k, v) for k, v in
+                                                                   sorted(stats.items()) if k[:1] == 'm'))
+            if writer is not None:
+                for i in (1, 2):
+                    single.write_scalars(writer, {k[3:]: v for k, v in stats.items() if k.startswith('m%d_' % i)},
+                                         epoch)
+                    writer.add_scalars('mutual_loss', {k: v for k, v in stats.items() if 'mutual' in k}, epoch)
+                single.write_scalars(writer, {'lr': lr, 'images_per_s': stats['images_per_s']}, epoch)
+            save(ckpt_path, models, optimizers, scalers, epoch, 0, args)
+            if stopped:
+                single.shutdown(stop, writer)
+                raise SystemExit(128 + (stop.signum or 0))
+        utils.barrier()
+        single.shutdown(stop, writer)
+    else:
+        utils.cleanup_distributed()
+
+    # final test of both models on rank 0
+    if not main_proc:
+        return None
+    results = [single.final_test(single.bare(m), partitions, im_dir, args, device, logger,
+                                 amp=amp_dtype is not None, write=False, label='model {}: '.format(i + 1))
+               for i, m in enumerate(models)]
+    if results[0] is not None:
+        utils.write_json({'train_dataset': args.train_dataset, 'test_dataset': args.train_dataset,
+                          'test_partitions': args.train_partitions, 'ap_mode': args.ap_mode,
+                          'results': utils.metrics_summary(results[0]),
+                          'results_model2': utils.metrics_summary(results[1])},
+                         os.path.join(args.exp_dir, 'metrics.json'))
+    return results
+
+
+if __name__ == '__main__':
+    main(parse_args())
