@@ -39,10 +39,10 @@ def _hsv_to_rgb(h, s, v):
 
 def _garment_colour(rng):
     """Clothing colour: a third neutral (black/grey/white), the rest of any hue."""
-    if rng.random() < 0.3:
+    if rng.random() < 0.15:
         v = rng.choice([0.1, 0.25, 0.45, 0.65, 0.9]) + rng.uniform(-0.05, 0.05)
         return _hsv_to_rgb(rng.random(), rng.uniform(0., 0.1), float(np.clip(v, 0., 1.)))
-    return _hsv_to_rgb(rng.random(), rng.uniform(0.4, 0.95), rng.uniform(0.35, 0.95))
+    return _hsv_to_rgb(rng.random(), rng.uniform(0.5, 1.0), rng.uniform(0.4, 1.0))
 
 
 def _distinct_colour(rng, other, min_dist=120):
@@ -88,10 +88,10 @@ def make_camera(seed, cam):
     """Fixed nuisances of one camera: lighting, colour cast, background, detector jitter, noise."""
     rng = _rng(seed, _CAMERA, cam)
     return {
-        'brightness': rng.uniform(-0.12, 0.12),
-        'contrast': rng.uniform(0.7, 1.25),
-        'gamma': rng.uniform(0.75, 1.35),
-        'cast': tuple(rng.uniform(0.8, 1.2, size=3)),   # per-channel gain
+        'brightness': rng.uniform(-0.08, 0.08),
+        'contrast': rng.uniform(0.8, 1.15),
+        'gamma': rng.uniform(0.85, 1.2),
+        'cast': tuple(rng.uniform(0.88, 1.12, size=3)),   # per-channel gain
         'wall': _hsv_to_rgb(rng.random(), rng.uniform(0.05, 0.6), rng.uniform(0.25, 0.9)),
         'wall2': _hsv_to_rgb(rng.random(), rng.uniform(0.05, 0.6), rng.uniform(0.25, 0.9)),
         'floor': _hsv_to_rgb(rng.random(), rng.uniform(0.0, 0.4), rng.uniform(0.2, 0.8)),
@@ -245,8 +245,8 @@ def _draw_person(img, ident, cx, top, ph, view, phase, arm_swing):
     img.paste(patch, (x0, y0), mask)
     if ident['bag'] == 'backpack':
         if view == 'back':
-            bwid = sw * 0.7
-            draw.rounded_rectangle([cx - bwid / 2, neck_y + 0.03 * ph, cx + bwid / 2, waist_y],
+            bwid = sw * 0.5
+            draw.rounded_rectangle([cx - bwid / 2, neck_y + 0.05 * ph, cx + bwid / 2, waist_y - 0.05 * ph],
                                    radius=max(1, int(0.02 * ph)), fill=ident['bag_colour'])
         elif view == 'front':
             for s in (-1, 1):
@@ -306,9 +306,9 @@ def _draw_person(img, ident, cx, top, ph, view, phase, arm_swing):
 def _photometric(img, cam, rng):
     """Camera lighting (brightness, contrast, gamma), colour cast and sensor noise, on uint8 RGB."""
     x = np.asarray(img, np.float32) / 255.
-    gain = np.asarray(cam['cast'], np.float32) * rng.uniform(0.93, 1.07, size=3).astype(np.float32)
-    x = x ** (cam['gamma'] * rng.uniform(0.92, 1.08))
-    x = (x - 0.5) * cam['contrast'] + 0.5 + cam['brightness'] + rng.uniform(-0.05, 0.05)
+    gain = np.asarray(cam['cast'], np.float32) * rng.uniform(0.96, 1.04, size=3).astype(np.float32)
+    x = x ** (cam['gamma'] * rng.uniform(0.95, 1.05))
+    x = (x - 0.5) * cam['contrast'] + 0.5 + cam['brightness'] + rng.uniform(-0.03, 0.03)
     x = x * gain
     x = x * 255.
     if cam['noise'] > 0:
@@ -350,7 +350,7 @@ def render_image(ident, cam, rng, im_size=(128, 64), supersample=2, crop=None):
         top -= rng.uniform(0., 0.6) * ph
         cx += rng.choice([-1, 1]) * rng.uniform(0.25, 0.55) * W
     view = 'front' if rng.random() < cam['front_prob'] else 'back'
-    if rng.random() < 0.2:
+    if rng.random() < 0.1:
         view = 'side'
     _draw_person(img, ident, cx, top, ph, view, rng.uniform(0, 2 * np.pi), rng.uniform(0.3, 1.))
     if rng.random() < 0.15:
