@@ -30,26 +30,43 @@ def main(args):
                                 global_loss_weight=1., local_loss_weight=1., id_loss_weight=1.)
         losses["loss"].backward()
 
+    with torch.no_grad():
+        fixed = {k: v.detach() for k, v in model(images).items()}
+
+    def losses_only():
+        feats = {k: v.clone().requires_grad_(True) for k, v in fixed.items()}
+        compute_losses(feats, labels, global_loss_weight=1., local_loss_weight=1.,
+                       id_loss_weight=1.)["loss"].backward()
+
     def timed(fn):
+        """Wall-clock and process CPU seconds of one call (CPU time is the steadier figure on
+        a machine shared with other jobs)."""
         if device.type == "cuda":
             torch.cuda.synchronize()
-        t0 = time.perf_counter()
+        w0, c0 = time.perf_counter(), time.process_time()
         fn()
         if device.type == "cuda":
             torch.cuda.synchronize()
-        return time.perf_counter() - t0
+        return time.perf_counter() - w0, time.process_time() - c0
 
     bare_step(), full_step()                   # warm-up (allocator, kernels)
     bare, full = [], []
     for _ in range(args.repeats):              # interleaved, so load changes hit both alike
         bare.append(timed(bare_step))
         full.append(timed(full_step))
+    losses_only()
+    loss_times = [timed(losses_only) for _ in range(20)]
+    wb, cb = min(t[0] for t in bare), min(t[1] for t in bare)
+    wf, cf = min(t[0] for t in full), min(t[1] for t in full)
     print(f"{args.base}, batch {batch} ({args.ids_per_batch} ids x {args.ims_per_id}) at "
           f"{args.height}x{args.width}, {args.device}, {torch.get_num_threads()} threads, "
           f"best of {args.repeats}")
-    print(f"bare backbone forward+backward      : {min(bare):.3f} s")
-    print(f"AlignedReID step (global+local+ID)  : {min(full):.3f} s")
-    print(f"ratio full / bare                   : {min(full) / min(bare):.3f}")
+    print("                                      wall s   CPU s")
+    print(f"bare backbone forward+backward     : {wb:7.3f} {cb:7.3f}")
+    print(f"AlignedReID step (global+local+ID) : {wf:7.3f} {cf:7.3f}")
+    print(f"ratio full / bare                  : {wf / wb:7.3f} {cf / cb:7.3f}")
+    print(f"losses alone, forward+backward     : {min(t[0] for t in loss_times):7.4f} "
+          f"{min(t[1] for t in loss_times):7.4f}  (on fixed features, best of 20)")
 
 
 def build_parser():
