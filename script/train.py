@@ -118,6 +118,8 @@ def build_parser():
                    help='test (global distance, no re-ranking) every N epochs during training and log Rank-1 '
                         'and mAP; 0 tests only at the end. Default: 0')
     r.add_argument('--test_batch_size', type=int, default=64, help='batch size of feature extraction. Default: 64')
+    r.add_argument('--final_test', type=boolean, default=True,
+                   help='test the final model on the test split after training (true/false). Default: true')
     r.add_argument('--to_re_rank', type=boolean, default=True,
                    help='the final test also reports re-ranked results (true/false). Default: true')
     r.add_argument('--ap_mode', choices=('standard', 'market_official'), default='standard',
@@ -562,7 +564,7 @@ def main(args, compute=None):
     utils.barrier()
     shutdown(stop, writer)
     results = None
-    if main_proc:
+    if main_proc and args.final_test:
         results = final_test(bare(model), partitions, im_dir, args, device, logger, amp=amp_dtype is not None)
     return results
 

@@ -238,7 +238,7 @@ def main(args):
         utils.cleanup_distributed()
 
     # final test of both models on rank 0
-    if not main_proc:
+    if not main_proc or not (args.final_test or args.onlytest):
         return None
     results = [single.final_test(single.bare(m), partitions, im_dir, args, device, logger,
                                  amp=amp_dtype is not None, write=False, label='model {}: '.format(i + 1))
