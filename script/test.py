@@ -197,7 +197,10 @@ def main(args):
                 'results': utils.metrics_summary(results)}, out)
     logger.info('metrics written to %s', out)
     if args.num_vis_queries:
-        logger.info('pictures written to %s', draw(feats, results, partitions, im_dir, args, cfg))
+        try:
+            logger.info('pictures written to %s', draw(feats, results, partitions, im_dir, args, cfg))
+        except (ImportError, AttributeError) as e:
+            logger.warning('no pictures: aligned_reid.visualize is not usable here (%s)', e)
     return results
 
 
