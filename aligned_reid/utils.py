@@ -1,5 +1,6 @@
 """Helpers shared by the scripts: seeding, atomic checkpoints, RNG state capture, learning-rate
 schedules, logging, and the torch.distributed plumbing used under torchrun."""
+import datetime
 import io
 import json
 import logging
@@ -154,10 +155,11 @@ def set_lr(optimizer, lr):
 
 # ----------------------------------------------------------------------------- distributed
 
-def init_distributed(device='cuda'):
+def init_distributed(device='cuda', timeout_minutes=120):
     """Starts torch.distributed when launched by torchrun (WORLD_SIZE > 1 in the environment).
 
-    Uses NCCL for CUDA devices and gloo otherwise. Returns (rank, world_size, local_rank);
+    Uses NCCL for CUDA devices and gloo otherwise. The generous collective timeout lets the other
+    ranks wait while rank 0 alone tests a model. Returns (rank, world_size, local_rank);
     (0, 1, 0) for a plain single-process run.
     """
     world_size = int(os.environ.get('WORLD_SIZE', '1'))
@@ -169,7 +171,8 @@ def init_distributed(device='cuda'):
         backend = 'nccl' if str(device).startswith('cuda') else 'gloo'
         if backend == 'nccl':
             torch.cuda.set_device(local_rank)
-        dist.init_process_group(backend=backend, init_method='env://')
+        dist.init_process_group(backend=backend, init_method='env://',
+                                timeout=datetime.timedelta(minutes=timeout_minutes))
     return rank, world_size, local_rank
 
 

@@ -38,7 +38,7 @@ def boolean(v):
 
 
 def build_parser():
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p = argparse.ArgumentParser(description=__doc__)
     d = p.add_argument_group('data')
     d.add_argument('--train_dataset', default='market1501',
                    help='dataset name; sets the default partitions path ~/Dataset/<name>/partitions.pkl and '
@@ -74,7 +74,8 @@ def build_parser():
 
     l = p.add_argument_group('loss')
     l.add_argument('--normalize_feature', type=boolean, default=False,
-                   help='L2-normalise global features before the triplet loss (true/false). Default: false')
+                   help='L2-normalise features (global per vector, local per stripe) for the losses and the test '
+                        'distances (true/false). Default: false')
     l.add_argument('-gm', '--global_margin', type=float, default=0.3, help='global triplet margin. Default: 0.3')
     l.add_argument('-lm', '--local_margin', type=float, default=0.3, help='local triplet margin. Default: 0.3')
     l.add_argument('-glw', '--global_loss_weight', type=float, default=1., help='global loss weight. Default: 1')
