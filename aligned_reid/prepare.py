@@ -13,14 +13,13 @@ from typing import NamedTuple
 
 import numpy as np
 
-from aligned_reid.data import make_im_name, parse_im_name, validate_partitions, write_partitions
+from aligned_reid.data import FORMAT_VERSION, make_im_name, parse_im_name, validate_partitions, write_partitions
 
 IMAGE_EXTS = ('.jpg', '.jpeg', '.png', '.bmp')
 SPLITS = ('trainval', 'query', 'gallery', 'multi_query')
 TEST_MARKS = {'query': 0, 'gallery': 1, 'multi_query': 2}
 MARKET_SUBDIRS = {'bounding_box_train': 'trainval', 'query': 'query',
                   'bounding_box_test': 'gallery', 'gt_bbox': 'multi_query'}
-FORMAT_VERSION = 1
 
 # Official statistics, checked when a full dataset is prepared (stats keys of compute_stats).
 OFFICIAL_COUNTS = {
