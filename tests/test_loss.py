@@ -6,6 +6,7 @@ import math
 import pytest
 import torch
 
+from aligned_reid.loss import _shortest_path_inplace
 from aligned_reid.loss import (batch_local_dist, compute_losses, euclidean_dist,
                                hard_example_mining, local_dist, mutual_losses, normalize,
                                shortest_path, triplet_loss)
@@ -59,6 +60,17 @@ def test_shortest_path_matches_enumeration():
             assert got.shape == (3,)
             for b in range(3):
                 assert abs(got[b].item() - brute_shortest_path(grid[b])) < 1e-9, (m, n)
+
+
+def test_inplace_sweep_matches_enumeration():
+    # The inference sweep used by local_dist without autograd, on a strided [m, n, 2, 3] view.
+    gen = torch.Generator().manual_seed(12)
+    for m in range(1, 7):
+        for n in range(1, 7):
+            grid = torch.rand(2, m, 3, n, generator=gen, dtype=torch.float64)
+            expected = [[brute_shortest_path(grid[b, :, c]) for c in range(3)] for b in range(2)]
+            got = _shortest_path_inplace(grid.permute(1, 3, 0, 2))
+            assert torch.allclose(got, torch.tensor(expected, dtype=torch.float64), atol=1e-9)
 
 
 def test_shortest_path_known_answers_and_shapes():
@@ -116,6 +128,10 @@ def test_local_dist_blocked_equals_unblocked_and_brute_force(aligned):
     for block in (1, 2, 3, 7):
         assert torch.allclose(local_dist(x, y, block_size=block, aligned=aligned), full,
                               atol=1e-12)
+    # With autograd (a different sweep) the values are the same.
+    with_grad = local_dist(x.requires_grad_(True), y, block_size=3, aligned=aligned)
+    assert with_grad.requires_grad and torch.allclose(with_grad, full, atol=1e-12)
+    x = x.detach()
     # The paired form agrees with the matrix form on its diagonal.
     paired = batch_local_dist(x[:6], y, aligned=aligned)
     assert torch.allclose(paired, full[torch.arange(6), torch.arange(6)], atol=1e-9)
