@@ -35,7 +35,7 @@ OFFICIAL_COUNTS = {
 }
 
 # Market-1501: 0002_c1s1_000451_03.jpg; Duke: 0001_c2_f0046182.jpg; CUHK03-NP: 0001_c1_1.png.
-MARKET_NAME_RE = re.compile(r'^(-1|\d+)_c(\d+)(?:s\d+)?_[^/]*$')
+MARKET_NAME_RE = re.compile(r'(-1|\d+)_c(\d+)(?:s\d+)?_[^/\n]*')
 
 
 class Item(NamedTuple):
@@ -61,7 +61,7 @@ def is_image_name(name):
 
 def parse_market_name(name):
     """'0002_c1s1_000451_03.jpg' -> (pid, cam); pid -1 is junk, 0 a distractor. ValueError naming the file."""
-    m = MARKET_NAME_RE.match(os.path.basename(name))
+    m = MARKET_NAME_RE.fullmatch(os.path.basename(name))
     if m is None:
         raise ValueError(f'cannot parse person id and camera from image name {name!r} '
                          "(expected e.g. '0002_c1s1_000451_03.jpg' or '0001_c2_f0046182.jpg')")

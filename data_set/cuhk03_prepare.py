@@ -23,7 +23,7 @@ PROTOCOL_NAME = 'cuhk03_new_protocol_config_{}.mat'
 IMAGE_TYPES = ('labeled', 'detected')
 SLOTS = 10  # image slots per person: 1-5 from the pair's first camera, 6-10 from its second
 PROTOCOL_FIELDS = ('filelist', 'labels', 'camId', 'train_idx', 'query_idx', 'gallery_idx')
-PROTOCOL_NAME_RE = re.compile(r'^(\d+)_(\d+)_([12])_(\d+)\.\w+$')  # pair_person_view_slot.png
+PROTOCOL_NAME_RE = re.compile(r'(\d+)_(\d+)_([12])_(\d+)\.\w+')  # pair_person_view_slot.png
 CLASSIC_COUNTS = dict(trainval_ids=1367, test_ids=100)
 
 
@@ -33,13 +33,16 @@ def camera(pair, slot):
 
 
 class MatImage:
-    """Lazy loader of one image of cuhk-03.mat: the HDF5 array transposed to H x W x 3."""
+    """Lazy loader of one image of cuhk-03.mat: the HDF5 array transposed to H x W x 3 uint8."""
 
-    def __init__(self, f, ref):
-        self.f, self.ref = f, ref
+    def __init__(self, f, ref, where):
+        self.f, self.ref, self.where = f, ref, where
 
     def __call__(self):
-        return np.ascontiguousarray(self.f[self.ref][()].T)
+        im = self.f[self.ref][()].T
+        if im.dtype != np.uint8 or im.ndim != 3 or im.shape[2] != 3:
+            raise ValueError(f'{self.where}: expected an H x W x 3 uint8 image, got {im.dtype} {im.shape}')
+        return np.ascontiguousarray(im)
 
 
 def read_cuhk03_mat(f, image_type, mat_path):
@@ -58,7 +61,8 @@ def read_cuhk03_mat(f, image_type, mat_path):
             for slot in range(SLOTS):
                 ds = f[cell[person, slot]]
                 if len(ds.shape) >= 3:  # an empty slot dereferences to a small 2-element array
-                    images[pair, person, slot] = MatImage(f, cell[person, slot])
+                    where = f'{mat_path}: {image_type} pair {pair + 1} person {person + 1} slot {slot + 1}'
+                    images[pair, person, slot] = MatImage(f, cell[person, slot], where)
     return images, persons_per_pair
 
 
@@ -115,7 +119,7 @@ def new_protocol_items(images, persons_per_pair, protocol, protocol_path):
         rows = []
         for i in protocol[field]:
             name = protocol['filelist'][i]
-            m = PROTOCOL_NAME_RE.match(name)
+            m = PROTOCOL_NAME_RE.fullmatch(name)
             if m is None:
                 raise ValueError(f"{protocol_path}: filelist entry {i + 1} {name!r} does not parse "
                                  "(expected pair_person_view_slot.png, e.g. '1_001_1_01.png')")

@@ -15,7 +15,7 @@ IMAGE_DIRS = {'train': ('train', 'mask_train_v2'), 'test': ('test', 'mask_test_v
 LISTS = (('list_train.txt', 'train', 'trainval'), ('list_val.txt', 'train', 'trainval'),
          ('list_query.txt', 'test', 'query'), ('list_gallery.txt', 'test', 'gallery'))
 # 0000_000_01_0303morning_0015_0.jpg: person, running index, camera (1-15), date/time, frame, ...
-NAME_RE = re.compile(r'^(\d+)_(\d+)_(\d+)_\S*\.(?:jpg|jpeg|png)$', re.IGNORECASE)
+NAME_RE = re.compile(r'(\d+)_(\d+)_(\d+)_\S*\.(?:jpg|jpeg|png)', re.IGNORECASE)
 
 
 def parse_list(lines, list_name):
@@ -29,7 +29,10 @@ def parse_list(lines, list_name):
         where = f'{list_name} line {lineno}: {line.strip()!r}'
         if len(fields) != 2 or not fields[1].isdigit():
             raise ValueError(f'{where} is not "<relative image path> <integer label>"')
-        m = NAME_RE.match(os.path.basename(fields[0]))
+        parts = fields[0].replace('\\', '/').split('/')
+        if fields[0].startswith(('/', '\\')) or '..' in parts or ':' in parts[0]:
+            raise ValueError(f'{where}: the image path must stay inside the image folder')
+        m = NAME_RE.fullmatch(os.path.basename(fields[0]))
         if m is None:
             raise ValueError(f'{where}: cannot parse the camera from the image name '
                              "(expected e.g. '0000_000_01_0303morning_0015_0.jpg')")

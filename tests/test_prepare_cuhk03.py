@@ -39,7 +39,7 @@ def empty_slots(t):
     return {(0, 1, 3), (1, 0, 7), (2, 1, 9)} | ({(0, 0, 0)} if t == 'detected' else set())
 
 
-def write_mat(path, testsets=((0, 2), (1, 0)), skip=()):
+def write_mat(path, testsets=((0, 2), (1, 0)), skip=(), float_image=None):
     """cuhk-03.mat as MATLAB v7.3 writes it: cell arrays are datasets of object references into
     '#refs#', every array stored transposed (column-major)."""
     with h5py.File(path, 'w') as f:
@@ -60,6 +60,8 @@ def write_mat(path, testsets=((0, 2), (1, 0)), skip=()):
                     for slot in range(10):
                         if (pair, person, slot) in empty_slots(t):
                             cell[person, slot] = store(np.zeros(2, np.uint64))
+                        elif (t, pair, person, slot) == float_image:
+                            cell[person, slot] = store(image_of(t, pair, person, slot).T.astype(np.float64))
                         else:
                             cell[person, slot] = store(image_of(t, pair, person, slot).T)
                 cells.append(store(cell.T))
@@ -251,3 +253,12 @@ def test_bad_mat_and_protocol_files(tmp_path, release):
         cuhk03.main(['--raw_dir', str(tmp_path / 'notmat'), '--save_dir', str(tmp_path / 'o6'), *proto])
     for o in ('o1', 'o3', 'o4', 'o5', 'o6'):
         assert not (tmp_path / o / 'labeled' / 'partitions.pkl').exists()
+
+
+def test_bad_image_array(tmp_path):
+    (tmp_path / 'raw').mkdir()
+    write_mat(tmp_path / 'raw' / 'cuhk-03.mat', float_image=('labeled', 1, 0, 2))
+    with pytest.raises(ValueError, match='labeled pair 2 person 1 slot 3: expected an H x W x 3 uint8'):
+        cuhk03.main(['--raw_dir', str(tmp_path / 'raw'), '--save_dir', str(tmp_path / 'out'),
+                     '--split', 'classic', '--num_val_ids', '1', '--image_types', 'labeled'])
+    assert not (tmp_path / 'out' / 'labeled' / 'partitions.pkl').exists()

@@ -344,3 +344,34 @@ def test_cli_default_paths_from_data_set_folder(tmp_path):
     assert len(part['trainval_ids2labels']) == 6
     res = subprocess.run(cmd, cwd=REPO / 'data_set', env=env, capture_output=True, text=True)
     assert res.returncode != 0 and '--overwrite' in res.stderr and 'Traceback' not in res.stderr
+
+
+def test_oddities(tmp_path):
+    """Upper-case extensions are images; sub-folders, hidden files and zip members outside the split
+    folders are ignored; a name with a newline is refused; nothing is written outside save_dir."""
+    files = build_market_tree(tmp_path / 'raw')
+    top = tmp_path / 'raw' / 'Market-1501-v15.09.15'
+    save_image(top / 'bounding_box_train' / '0031_c2s3_999999_01.JPG', 1)
+    (top / 'bounding_box_train' / 'sub').mkdir()
+    save_image(top / 'bounding_box_train' / 'sub' / '0099_c1s1_000001_01.jpg', 1)
+    part = prepare.prepare_market_layout(tmp_path / 'raw', tmp_path / 'out', num_val_ids=1, verbose=False)
+    n_train = sum(r.startswith('bounding_box_train/') for r in files)
+    assert len(part['trainval_im_names']) == n_train + 1
+    assert 99 not in part['trainval_ids2labels']
+
+    zpath = tmp_path / 'odd.zip'
+    with zipfile.ZipFile(zpath, 'w') as zf:
+        for p in sorted((tmp_path / 'raw').rglob('*')):
+            if p.is_file() and 'sub' not in p.parts:
+                zf.write(p, p.relative_to(tmp_path / 'raw'))
+        zf.writestr('Market-1501-v15.09.15/bounding_box_train/../../../escape_c1s1_0.jpg', b'x')
+        zf.writestr('/abs/0002_c1s1_000001_01.jpg', b'x')
+    before = sorted(p.name for p in tmp_path.iterdir())
+    part_zip = prepare.prepare_market_layout(zpath, tmp_path / 'z', num_val_ids=1, verbose=False)
+    assert part_zip == part
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted(before + ['z'])
+    assert sorted(p.name for p in (tmp_path / 'z').iterdir()) == ['images', 'partitions.pkl']
+
+    save_image(top / 'query' / '0040_c1s2_000040_00.jpg\n.jpg', 1)
+    with pytest.raises(ValueError, match='cannot parse'):
+        prepare.prepare_market_layout(tmp_path / 'raw', tmp_path / 'o2', num_val_ids=1)

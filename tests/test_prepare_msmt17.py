@@ -94,3 +94,15 @@ def test_bad_lists(tmp_path):
     with pytest.raises(ValueError, match='list_train.txt'):
         msmt.prepare_msmt17(tmp_path / 'empty', tmp_path / 'o2')
     assert not (tmp_path / 'out' / 'partitions.pkl').exists()
+
+
+def test_list_paths_stay_inside(tmp_path):
+    root = tmp_path / 'MSMT17_V1'
+    build_msmt(root)
+    outside = tmp_path / '0000_000_01_0303morning_0015_0.jpg'
+    Image.new('RGB', (4, 8)).save(outside)
+    query = (root / 'list_query.txt').read_text()
+    for bad in ('../../0000_000_01_0303morning_0015_0.jpg 0', f'{outside} 0'):
+        (root / 'list_query.txt').write_text(query + bad + '\n')
+        with pytest.raises(ValueError, match='list_query.txt line 4: .*inside the image folder'):
+            msmt.prepare_msmt17(root, tmp_path / 'out', num_val_ids=1)
