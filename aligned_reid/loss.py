@@ -257,7 +257,8 @@ def compute_losses(outputs, labels, global_margin=0.3, local_margin=0.3, global_
     global feature per vector and the local feature per stripe. The local triplet loss uses
     the pairs mined on the global distance unless local_dist_own_hard_sample, in which case it
     mines on the full local distance matrix. The ID loss is cross-entropy with optional
-    label smoothing. Features and logits are used in float32 (or float64), also under autocast.
+    label smoothing. Half-precision features and logits are upcast to float32 (call this
+    outside torch.autocast, which would cast the distance matmuls down again).
 
     Returns a dict: 'loss' (weighted total, tensor), 'global_loss' with the global_* statistics
     (always), 'local_loss' with local_* statistics when local_loss_weight > 0, 'id_loss' and
