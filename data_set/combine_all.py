@@ -23,7 +23,7 @@ def combined_items(dataset_dirs):
     id_offset = cam_offset = 0
     for d in dataset_dirs:
         d = os.path.abspath(os.path.expanduser(d))
-        pkl = os.path.join(d, 'partitions.pkl') if os.path.isdir(d) else d
+        pkl = d if d.endswith('.pkl') else os.path.join(d, 'partitions.pkl')
         if not os.path.isfile(pkl):
             raise FileNotFoundError(f'prepared dataset not found: {pkl} (run its *_prepare.py first)')
         if os.path.realpath(pkl) in seen:
@@ -36,9 +36,9 @@ def combined_items(dataset_dirs):
         cams = {cam: cam_offset + i + 1 for i, cam in enumerate(sorted({c for _, c in parsed}))}
         for name, (pid, cam) in zip(part['trainval_im_names'], parsed):
             items.append(Item(os.path.join(images, name), id_offset + ids2labels[pid] + 1, cams[cam], 'trainval'))
-        name = part.get('dataset') or os.path.basename(d)
+        name = part.get('dataset') or os.path.basename(os.path.dirname(pkl))
         names.append(name)
-        provenance.append((d, name, len(ids2labels), id_offset + 1, id_offset + len(ids2labels), cams, len(parsed)))
+        provenance.append((os.path.dirname(pkl), name, len(ids2labels), id_offset + 1, id_offset + len(ids2labels), cams, len(parsed)))
         id_offset += len(ids2labels)
         cam_offset += len(cams)
     return items, provenance, names
