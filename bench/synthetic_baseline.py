@@ -9,13 +9,9 @@ import numpy as np
 from PIL import Image
 
 from aligned_reid.data import parse_im_name, partitions_images_dir, read_partitions
+from aligned_reid.evaluation import evaluate_rank
 from aligned_reid.prepare import prepare_market_layout
 from aligned_reid.synthetic import render_market_tree
-
-try:
-    from aligned_reid.evaluation import evaluate_rank
-except ImportError:  # the evaluation module lands separately; same protocol below
-    evaluate_rank = None
 
 
 def build_parser():
@@ -46,21 +42,6 @@ def pairwise_euclidean(q, g):
     return np.sqrt(np.maximum(d2, 0.))
 
 
-def rank1_map(dist, q_ids, g_ids, q_cams, g_cams):
-    """Market-1501 single-query protocol: per query, gallery images of the same id and camera are
-    ignored; Rank-1 and mean average precision over queries with a valid match."""
-    hits, aps = [], []
-    for i in range(len(q_ids)):
-        keep = ~((g_ids == q_ids[i]) & (g_cams == q_cams[i]))
-        match = (g_ids[keep] == q_ids[i])[np.argsort(dist[i, keep], kind='stable')]
-        if not match.any():
-            continue
-        hits.append(match[0])
-        pos = np.flatnonzero(match)
-        aps.append(np.mean(np.arange(1, len(pos) + 1) / (pos + 1.)))
-    return float(np.mean(hits)), float(np.mean(aps))
-
-
 def run(partitions_path, resize_h_w):
     """Rank-1, mAP of the raw-pixel baseline on a prepared set's test split."""
     part = read_partitions(partitions_path)
@@ -72,10 +53,8 @@ def run(partitions_path, resize_h_w):
     dist = pairwise_euclidean(load_pixels(im_dir, q_names, resize_h_w),
                               load_pixels(im_dir, g_names, resize_h_w))
     print('queries {}, gallery {}'.format(len(q_names), len(g_names)))
-    if evaluate_rank is not None:
-        r = evaluate_rank(dist, q_ids, g_ids, q_cams, g_cams)
-        return float(r['cmc'][0]), float(r['mAP'])
-    return rank1_map(dist, q_ids, g_ids, q_cams, g_cams)
+    r = evaluate_rank(dist, q_ids, g_ids, q_cams, g_cams)
+    return float(r['cmc'][0]), float(r['mAP'])
 
 
 def main(args):
