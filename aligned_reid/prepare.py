@@ -289,7 +289,8 @@ def check_counts(stats, expected, dataset=''):
         got = stats.get(key)
         if got != want:
             split, _, what = key.rpartition('_')
-            problems.append(f'split {split or key!r}: {got} {what}, official {want}')
+            problems.append(f'split {split!r}: {got} {what}, official {want}' if split
+                            else f'{key}: {got}, official {want}')
     if problems:
         warnings.warn(f'{dataset} counts differ from the official ones (not the full dataset?): '
                       + '; '.join(problems), stacklevel=3)
