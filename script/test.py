@@ -4,6 +4,7 @@ import argparse
 import os
 import sys
 
+import numpy as np
 import torch
 
 from aligned_reid import data, utils
@@ -155,23 +156,24 @@ def evaluate(model, partitions, im_dir, cfg, args, device):
 
 
 def draw(feats, results, partitions, im_dir, args, cfg):
-    """Ranked-list pictures of the first queries and the CMC curve, through aligned_reid.visualize."""
+    """Ranked lists of the first --num_vis_queries queries (distance of --test_distance, before re-ranking)
+    and the CMC curves of every result, through aligned_reid.visualize. Returns the folder."""
     from aligned_reid import evaluation, visualize
     vis_dir = args.vis_dir or os.path.join(args.exp_dir, 'ranks_{}'.format(args.test_dataset))
     os.makedirs(vis_dir, exist_ok=True)
-    distance = DISTANCES[args.test_distance][0]
-    marks = feats['marks']
+    marks = np.asarray(feats['marks'])
     q, g = marks == 0, marks == 1
-    q_feats = {k: v[q] for k, v in feats.items()}
-    g_feats = {k: v[g] for k, v in feats.items()}
-    distmat = evaluation.compute_dist(q_feats, g_feats, distance=distance, normalize=cfg['normalize_feature'])
-    names = [os.path.join(im_dir, n) for n in partitions['test_im_names']]
-    q_paths = [n for n, m in zip(names, marks) if m == 0]
-    g_paths = [n for n, m in zip(names, marks) if m == 1]
-    visualize.save_rank_lists(distmat, q_paths, g_paths, feats['ids'][q], feats['ids'][g], feats['cams'][q],
-                              feats['cams'][g], os.path.join(vis_dir, 'ranks.jpg'),
-                              num_queries=args.num_vis_queries)
-    visualize.plot_cmc({k: r['cmc'] for k, r in results.items()}, os.path.join(vis_dir, 'cmc.png'))
+    pick = lambda sel: {k: feats[k][sel] for k in ('global', 'local') if k in feats}
+    distmat = evaluation.compute_dist(pick(q), pick(g), distance=DISTANCES[args.test_distance][0],
+                                      normalize=cfg['normalize_feature'])
+    distmat = distmat.cpu().numpy() if torch.is_tensor(distmat) else np.asarray(distmat)
+    names = np.asarray([os.path.join(im_dir, n) for n in partitions['test_im_names']])
+    ids, cams = np.asarray(feats['ids']), np.asarray(feats['cams'])
+    h, w = cfg['resize_h_w']
+    visualize.save_ranked_lists(distmat, ids[q], ids[g], cams[q], cams[g], list(names[q]), list(names[g]),
+                                vis_dir, query_indices=list(range(min(args.num_vis_queries, int(q.sum())))),
+                                size=(max(h, 128), max(w, 64)))
+    visualize.plot_cmc({name: r['cmc'] for name, r in results.items()}, os.path.join(vis_dir, 'cmc.png'))
     return vis_dir
 
 

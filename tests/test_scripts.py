@@ -244,12 +244,13 @@ def test_two_epochs_then_test_script(world, tmp_path):
 
     r = subprocess.run([sys.executable, 'test.py', '--exp_dir', str(exp), '--test_partitons', world['duke'],
                         '--test_dataset', 'duke', '--test_distance', 'all', '--ap_mode', 'market_official',
-                        '--multi_query', 'avg', '--workers', '0', '--to_re_rank', 'false'],
+                        '--multi_query', 'avg', '--workers', '0', '--to_re_rank', 'false', '--num_vis_queries', '2'],
                        cwd=str(SCRIPT), env=world['env'], capture_output=True, text=True, timeout=300)
     assert r.returncode == 0, r.stdout + r.stderr
     out = json.load(open(exp / 'metrics_duke.json'))
     assert set(out['results']) == {'global', 'local', 'global_local'} and out['multi_query'] == 'avg'
     assert 'test with global + local distance' in r.stdout
+    assert sorted(os.listdir(exp / 'ranks_duke')) == ['cmc.png', 'query_00000.png', 'query_00001.png']
 
 
 def test_non_finite_loss_stops_and_keeps_checkpoint(world, tmp_path):
