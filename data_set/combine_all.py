@@ -8,7 +8,7 @@ from aligned_reid.prepare import Item, add_common_arguments, check_save_dir, run
 
 DEFAULT_DATASETS = [os.path.join('~', 'Dataset', 'market1501'), os.path.join('~', 'Dataset', 'cuhk03', 'detected'),
                     os.path.join('~', 'Dataset', 'duke')]
-DEFAULT_DIR = os.path.join('~', 'Dataset', 'market1501_cuhk03_duke')
+DEFAULT_DIR = os.path.join('~', 'Dataset', 'combined')  # script/train.py --train_dataset combined
 DEFAULT_NAMES = ('market1501', 'cuhk03_detected', 'duke')
 DEFAULT_IDS = 2220  # 751 + 767 + 702 on the full datasets
 
