@@ -1,5 +1,6 @@
 """Procedural pedestrian renderer (Pillow + numpy) that writes a synthetic re-id dataset in the
 exact Market-1501 folder layout and file naming, so the real Market preparation runs on it."""
+import functools
 import os
 import shutil
 from concurrent.futures import ProcessPoolExecutor
@@ -54,8 +55,10 @@ def _distinct_colour(rng, other, min_dist=120):
     return tuple(255 - x for x in other)
 
 
+@functools.lru_cache(maxsize=4096)
 def make_identity(seed, pid):
-    """Fixed appearance of one person: clothing colours / patterns, body proportions, hair, bag."""
+    """Fixed appearance of one person: clothing colours / patterns, body proportions, hair, bag.
+    Cached: treat the returned dict as read-only."""
     rng = _rng(seed, _IDENTITY, pid)
     top = _garment_colour(rng)
     skin = _hsv_to_rgb(rng.uniform(0.03, 0.1), rng.uniform(0.25, 0.6), rng.uniform(0.35, 0.95))
@@ -84,10 +87,13 @@ def make_identity(seed, pid):
     }
 
 
+@functools.lru_cache(maxsize=64)
 def make_camera(seed, cam):
     """Fixed nuisances of one camera: lighting, colour cast, background, detector jitter, noise."""
     rng = _rng(seed, _CAMERA, cam)
     return {
+        'seed': seed,
+        'id': cam,
         'brightness': rng.uniform(-0.08, 0.08),
         'contrast': rng.uniform(0.8, 1.15),
         'gamma': rng.uniform(0.85, 1.2),
@@ -108,35 +114,40 @@ def make_camera(seed, cam):
     }
 
 
+@functools.lru_cache(maxsize=64)
+def _wall(seed, cam_id, h, w):
+    """Camera's wall texture, [h + 2p, w + 2p, 3] uint8 (p = texture period), cropped at a random
+    offset per image so the pattern shifts with the detection box."""
+    cam = make_camera(seed, cam_id)
+    p = max(2, int(cam['texture_period'] * h))
+    hh, ww = h + 2 * p, w + 2 * p
+    ys, xs = np.arange(hh)[:, None], np.arange(ww)[None, :]
+    tex = cam['texture']
+    wall, wall2 = np.asarray(cam['wall'], np.float32), np.asarray(cam['wall2'], np.float32)
+    if tex == 'gradient':
+        t = (ys / hh)[..., None]  # [hh, 1, 1]
+        return np.broadcast_to(wall * (1. - t) + wall2 * t, (hh, ww, 3)).astype(np.uint8), p
+    if tex == 'bricks':
+        mask = ((ys % p) < 2) | ((((xs + (ys // p % 2) * p) % (2 * p)) < 2))
+    elif tex == 'tiles':
+        mask = ((xs // p + ys // p) % 2) == 0
+    elif tex == 'stripes':
+        mask = np.broadcast_to((xs % (2 * p)) < p, (hh, ww))
+    else:
+        mask = _rng(seed, _CAMERA, cam_id, 1).random((hh, ww)) < 0.25
+    return np.where(mask[..., None], wall2, wall).astype(np.uint8), p
+
+
 def _background(cam, rng, h, w):
     """Camera scene behind the person: wall texture above the horizon, floor below, clutter."""
-    arr = np.empty((h, w, 3), np.float32)
+    arr = np.empty((h, w, 3), np.uint8)
     yh = int(h * (cam['horizon'] + rng.uniform(-0.05, 0.05)))
-    arr[:yh] = cam['wall']
-    arr[yh:] = cam['floor']
-    period = max(2, int(cam['texture_period'] * h))
-    wall2 = np.asarray(cam['wall2'], np.float32)
-    ys, xs = np.mgrid[0:yh, 0:w]
-    ox, oy = rng.integers(period), rng.integers(period)
-    tex = cam['texture']
-    if tex == 'bricks':
-        row = (ys + oy) // period
-        mask = (((ys + oy) % period) < 2) | ((((xs + ox + (row % 2) * period) % (2 * period)) < 2))
-    elif tex == 'tiles':
-        mask = (((xs + ox) // period + (ys + oy) // period) % 2) == 0
-    elif tex == 'stripes':
-        mask = ((xs + ox) % (2 * period)) < period
-    elif tex == 'noise':
-        mask = rng.random((yh, w)) < 0.25
-    else:
-        mask = None
-        t = (ys / max(yh, 1))[..., None]
-        arr[:yh] = arr[:yh] * (1. - t) + wall2 * t
-    if mask is not None:
-        arr[:yh][mask] = wall2
+    wall, p = _wall(cam['seed'], cam['id'], h, w)
+    ox, oy = rng.integers(p), rng.integers(p)
+    arr[:yh] = wall[oy:oy + yh, ox:ox + w]
     # Floor shading varies per image (shadows, lighting patches).
-    arr[yh:] *= rng.uniform(0.8, 1.2)
-    img = Image.fromarray(np.clip(arr, 0, 255).astype(np.uint8))
+    arr[yh:] = np.clip(np.asarray(cam['floor'], np.float32) * rng.uniform(0.8, 1.2), 0, 255).astype(np.uint8)
+    img = Image.fromarray(arr)
     draw = ImageDraw.Draw(img)
     for _ in range(rng.integers(1, 4)):
         colour = cam['clutter'][rng.integers(len(cam['clutter']))]
@@ -304,16 +315,17 @@ def _draw_person(img, ident, cx, top, ph, view, phase, arm_swing):
 
 
 def _photometric(img, cam, rng):
-    """Camera lighting (brightness, contrast, gamma), colour cast and sensor noise, on uint8 RGB."""
-    x = np.asarray(img, np.float32) / 255.
-    gain = np.asarray(cam['cast'], np.float32) * rng.uniform(0.96, 1.04, size=3).astype(np.float32)
-    x = x ** (cam['gamma'] * rng.uniform(0.95, 1.05))
-    x = (x - 0.5) * cam['contrast'] + 0.5 + cam['brightness'] + rng.uniform(-0.03, 0.03)
-    x = x * gain
-    x = x * 255.
+    """Camera lighting (brightness, contrast, gamma), colour cast and sensor noise, on uint8 RGB.
+    The pointwise part is one 256-entry look-up table per channel."""
+    gain = np.asarray(cam['cast']) * rng.uniform(0.96, 1.04, size=3)
+    v = (np.arange(256) / 255.) ** (cam['gamma'] * rng.uniform(0.95, 1.05))
+    v = (v - 0.5) * cam['contrast'] + 0.5 + cam['brightness'] + rng.uniform(-0.03, 0.03)
+    lut = np.clip(np.round(gain[:, None] * v[None, :] * 255.), 0, 255).astype(np.uint8)  # [3, 256]
+    x = lut[np.arange(3), np.asarray(img)]  # [h, w, 3]
     if cam['noise'] > 0:
-        x = x + rng.normal(0., cam['noise'], size=x.shape).astype(np.float32)
-    return Image.fromarray(np.clip(x, 0, 255).astype(np.uint8))
+        x = x + np.round(rng.standard_normal(x.shape, np.float32) * cam['noise']).astype(np.int16)
+        x = np.clip(x, 0, 255).astype(np.uint8)
+    return Image.fromarray(x)
 
 
 def _occlude(img, cam, rng):
