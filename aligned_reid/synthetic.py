@@ -389,7 +389,7 @@ def _render_job(job):
         rng = _rng(seed, _JUNK, idx)
         ident = make_identity(seed, 200000 + idx)
         img = render_image(ident, cam, rng, im_size, crop='partial')
-        # Junk: a thin sliver of a person, the rest background.
+        # Junk: a bad detection (mostly background), smeared as by a box of the wrong width.
         img = img.resize((max(1, im_size[1] // 3), im_size[0]), Image.BILINEAR).resize(
             (im_size[1], im_size[0]), Image.BILINEAR)
     else:
@@ -405,9 +405,10 @@ def _market_name(pid, cam, seq, frame, bbox):
 
 def _plan(num_train_ids, num_test_ids, ims_per_id_cam, num_cams, seed, num_distractors,
           num_junk, mq_per_query, min_cams, max_cams):
-    """List of (subdir, file name, render job fields) for the whole tree, in a fixed order."""
+    """The whole tree in a fixed order: ([(subdir, file name, pid, cam, kind, index)], train ids,
+    test ids). Names are unique across the tree except that each query is repeated in gt_bbox/."""
     split = _rng(seed, _SPLIT)
-    pids = split.permutation(np.arange(1, num_train_ids + num_test_ids + 1)) + 0
+    pids = split.permutation(np.arange(1, num_train_ids + num_test_ids + 1))
     train_ids = sorted(int(p) for p in pids[:num_train_ids])
     test_ids = sorted(int(p) for p in pids[num_train_ids:])
     items = []
