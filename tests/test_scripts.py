@@ -365,3 +365,17 @@ def test_train_ml_one_epoch(world, tmp_path):
                         '--exp_dir', str(tmp_path / 'none')] + TINY, cwd=str(REPO), env=world['env'],
                        capture_output=True, text=True, timeout=300)
     assert r.returncode == 2 and '-pmlw 1.0 needs the classifier: give -idlw > 0' in r.stderr
+
+
+def test_amp_is_a_warned_no_op_on_cpu():
+    logger = train_script.utils.setup_logging(None, name='test_scripts_amp')
+    with pytest.warns(UserWarning, match='--amp has no effect on the CPU'):
+        assert train_script.amp_settings(True, torch.device('cpu'), logger) == (None, None)
+    assert train_script.amp_settings(False, torch.device('cpu'), logger) == (None, None)
+
+
+def test_help_states_every_default():
+    for module in (train_script, test_script):
+        for action in module.build_parser()._actions:
+            if action.dest != 'help':
+                assert 'Default:' in (action.help or ''), (module.__name__, action.dest)
