@@ -1,5 +1,8 @@
 """Benchmark: query x gallery aligned local distance, our blocked anti-diagonal `local_dist`
-against the straightforward per-cell dynamic programme, in the same process."""
+against the straightforward per-cell dynamic programme, in the same process.
+
+On a CPU crowded by other jobs, intra-op threads spend their time waiting for each other;
+`--threads 1` then gives the steadier comparison. Example: python bench/local_distance.py"""
 import argparse
 import time
 
