@@ -24,7 +24,7 @@ test: $(STAMP)
 # Everything goes under demo_out/; a second run re-trains on the same set.
 DEMO := demo_out
 DEMO_TRAIN := --base_model resnet18 --resize_h_w 64 32 --pretrained false --ids_per_batch 16 --ims_per_id 4 \
-	--base_lr 1e-3 --total_epochs 40 --exp_decay_at_epoch 25 -glw 1 -llw 0 -idlw 0 --workers 2
+	--base_lr 1e-3 --total_epochs 40 --exp_decay_at_epoch 25 -glw 1 -llw 1 -idlw 1 --workers 2
 
 $(DEMO)/synthetic/partitions.pkl: | $(STAMP)
 	$(PY) data_set/synthetic_prepare.py --save_dir $(DEMO)/synthetic --workers 2 --overwrite
@@ -34,7 +34,8 @@ demo: $(STAMP) $(DEMO)/synthetic/partitions.pkl
 	$(PY) script/train.py --train_dataset synthetic --train_partitons $(DEMO)/synthetic/partitions.pkl \
 		--exp_dir $(DEMO)/exp $(DEMO_TRAIN) --final_test false
 	$(PY) script/test.py --train_dataset synthetic --exp_dir $(DEMO)/exp \
-		--test_partitons $(DEMO)/synthetic/partitions.pkl --to_re_rank true --workers 2 --num_vis_queries 8
+		--test_partitons $(DEMO)/synthetic/partitions.pkl --test_distance all --to_re_rank true --workers 2 \
+		--num_vis_queries 8
 
 clean:
 	rm -rf $(VENV) demo_out *.egg-info
