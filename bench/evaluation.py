@@ -3,7 +3,7 @@ re-ranking vs the dense loop implementation (time, peak memory), query x gallery
 
     python bench/evaluation.py                 # Market-1501 scale, all three comparisons
     python bench/evaluation.py --msmt17        # re-ranking from features at MSMT17 scale
-Peak memory is measured in a forked child: VmHWM from /proc/self/status after the inputs are
+Peak memory is measured in a spawned child: VmHWM from /proc/self/status after the inputs are
 loaded and the high-water mark reset (/proc/self/clear_refs), minus VmRSS at that moment."""
 import argparse
 import multiprocessing as mp
@@ -173,10 +173,10 @@ def _child(conn, job, paths, out_path):
 
 
 def measured(job, paths, tmp, name, keep_result=True):
-    """Run job(*np.load(paths)) in a forked child -> (seconds, peak GB above inputs, result);
+    """Run job(*np.load(paths)) in a spawned child -> (seconds, peak GB above inputs, result);
     with keep_result=False the result is (shape, dtype, nbytes) only."""
     out_path = os.path.join(tmp, name + '.npy') if keep_result else None
-    ctx = mp.get_context('fork')
+    ctx = mp.get_context('spawn')          # a forked child can hang in torch's thread pool
     recv, send = ctx.Pipe(duplex=False)
     p = ctx.Process(target=_child, args=(send, job, paths, out_path))
     p.start()
@@ -259,15 +259,19 @@ def bench_local(num_query, num_gallery, stripes=8, dim=128, seed=0):
     rng = np.random.default_rng(seed)
     x = rng.random((num_query, stripes, dim)).astype(np.float32)
     y = rng.random((num_gallery, stripes, dim)).astype(np.float32)
-    with torch.no_grad():
-        t_ours, ours = timed(local_dist, torch.from_numpy(x), torch.from_numpy(y))
     t_loop, ref = timed(per_cell_local_dist, x, y)
-    print(f"{num_query} x {num_gallery} pairs: per-cell loop {t_loop:.2f} s, loss.local_dist "
-          f"{t_ours:.2f} s, speed-up {t_loop / t_ours:.1f}x, max |diff| "
-          f"{np.abs(ours.numpy() - ref).max():.1e}")
-    per_pair = t_ours / (num_query * num_gallery)
-    print(f"  extrapolated to Market-1501 3368 x 15913: loss.local_dist ~{per_pair * 3368 * 15913:.0f} s,"
-          f" per-cell loop ~{t_loop / (num_query * num_gallery) * 3368 * 15913:.0f} s")
+    pairs = num_query * num_gallery
+    print(f"{num_query} x {num_gallery} pairs: per-cell numpy loop {t_loop:.2f} s "
+          f"(Market-1501 3368 x 15913 extrapolated: ~{t_loop / pairs * 3368 * 15913:.0f} s)")
+    threads = torch.get_num_threads()
+    for n in sorted({threads, 1}, reverse=True):
+        torch.set_num_threads(n)
+        with torch.no_grad():
+            t_ours, ours = timed(local_dist, torch.from_numpy(x), torch.from_numpy(y))
+        print(f"  loss.local_dist, {n} torch thread(s): {t_ours:.2f} s, speed-up "
+              f"{t_loop / t_ours:.1f}x, max |diff| {np.abs(ours.numpy() - ref).max():.1e} "
+              f"(Market-1501 extrapolated: ~{t_ours / pairs * 3368 * 15913:.0f} s)")
+    torch.set_num_threads(threads)
 
 
 def bench_msmt17(dim, tmp):
@@ -292,6 +296,9 @@ def build_parser():
                    help='skip the dense re-ranking baseline (needs ~6-9 GB; default: run it)')
     p.add_argument('--local_pairs', type=int, nargs=2, default=(500, 1000),
                    help='query and gallery count for the local distance timing (default 500 1000)')
+    p.add_argument('--parts', nargs='+', default=['rank', 're_rank', 'local'],
+                   choices=['rank', 're_rank', 'local'],
+                   help='which Market-1501-scale comparisons to run (default: all three)')
     p.add_argument('--msmt17', action='store_true',
                    help='only run re-ranking from features at MSMT17 scale (default: off)')
     return p
@@ -306,10 +313,12 @@ def main(args):
             bench_msmt17(args.dim, tmp)
             return
         qf, gf, q_ids, g_ids, q_cams, g_cams = market_like(dim=args.dim)
-        q_g = compute_dist(qf, gf)
-        bench_rank(q_g, q_ids, g_ids, q_cams, g_cams)
-        bench_re_ranking(qf, gf, q_ids, g_ids, q_cams, g_cams, tmp, not args.skip_dense)
-        bench_local(*args.local_pairs)
+        if 'rank' in args.parts:
+            bench_rank(compute_dist(qf, gf), q_ids, g_ids, q_cams, g_cams)
+        if 're_rank' in args.parts:
+            bench_re_ranking(qf, gf, q_ids, g_ids, q_cams, g_cams, tmp, not args.skip_dense)
+        if 'local' in args.parts:
+            bench_local(*args.local_pairs)
 
 
 if __name__ == '__main__':
