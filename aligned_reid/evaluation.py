@@ -416,7 +416,10 @@ def evaluate(feats, distances=('global',), re_rank=False, ap_mode='standard', mu
     feats: dict with 'global' / 'local' features and 'ids', 'cams', 'marks' (0 query,
     1 gallery, 2 multi-query; mark 2 images are used only with multi_query='avg'|'max').
     distances: names from ('global', 'local', 'global_local'). re_rank=True adds the
-    k-reciprocal re-ranked result (k1, k2, lambda_value) of each distance.
+    k-reciprocal re-ranked result (k1, k2, lambda_value) of each distance, computed from the
+    features by re_ranking.re_ranking_features (no dense (Q+G)^2 matrix is held).
+    normalize / metric / device as for compute_dist (metric applies to 'global' only);
+    ap_mode and max_rank as for evaluate_rank.
     Returns {name: evaluate_rank dict}, names like 'global', 'global+re_rank'."""
     from .re_ranking import re_ranking_features
 
