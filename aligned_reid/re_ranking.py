@@ -146,18 +146,16 @@ def _nearest(d2, m, K, chunk=16):
     width = n // chunk                                         # chunk c: columns c + k * width
     if width <= K + 2:                                         # small rows: sort them all
         return np.argsort(d2 / m[:, None], axis=1, kind='stable')[:, :K]
+    steps = np.arange(0, n, width)                             # ceil(n / width) offsets
     mins = d2[:, :width].copy()
-    for k in range(1, chunk):
-        np.minimum(mins, d2[:, k * width:(k + 1) * width], out=mins)
-    if n > chunk * width:                                      # leftover columns join chunk 0..
-        rest = d2[:, chunk * width:]
-        np.minimum(mins[:, :rest.shape[1]], rest, out=mins[:, :rest.shape[1]])
+    for a in steps[1:]:
+        part = d2[:, a:a + width]                              # the last one may be shorter
+        np.minimum(mins[:, :part.shape[1]], part, out=mins[:, :part.shape[1]])
     pick = np.argpartition(mins, K + 1, axis=1)[:, :K + 2]     # the K + 2 smallest chunks
     pm = np.take_along_axis(mins, pick, 1)
     o = np.argsort(pm, axis=1, kind='stable')
     pick, pm = np.take_along_axis(pick, o, 1), np.take_along_axis(pm, o, 1)
     boundary_tie = pm[:, K] == pm[:, K + 1]
-    steps = np.arange(chunk + (1 if n > chunk * width else 0)) * width
     cols = (pick[:, :K + 1, None] + steps).reshape(B, -1)
     cols = np.where(cols < n, cols, pick[:, :K + 1, None].repeat(len(steps), 2).reshape(B, -1))
     cand = np.take_along_axis(d2, cols, 1) / m[:, None]        # T of the candidates
