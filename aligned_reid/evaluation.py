@@ -258,6 +258,8 @@ def evaluate_rank(distmat, q_ids, g_ids, q_cams, g_cams, max_rank=50, ap_mode='s
                          f"g_cams {g_cams.shape}")
     if max_rank < 1:
         raise ValueError(f"evaluate_rank: max_rank must be >= 1, got {max_rank}")
+    if Q == 0 or G == 0:
+        raise ValueError(f"evaluate_rank: empty distmat {distmat.shape}")
     if distmat.size and np.isnan(np.max(distmat)):              # max propagates NaN
         raise ValueError("evaluate_rank: distmat holds NaN")
     has_junk = bool((g_ids < 0).any())
