@@ -96,9 +96,7 @@ def re_ranking_features(q_feats, g_feats, distance='global', k1=20, k2=6, lambda
             raise ValueError(f"re_ranking_features: distance {distance!r} needs {missing} "
                              f"features in both dicts")
     allf = {k: cat(k) for k in keys[distance]}
-    Q = len(next(iter(q_feats.values())) if isinstance(q_feats, dict) else q_feats)
-    if isinstance(q_feats, dict):
-        Q = len(q_feats[keys[distance][0]])
+    Q = len(q_feats[keys[distance][0]] if isinstance(q_feats, dict) else q_feats)
     N = len(allf[keys[distance][0]])
     kw = dict(distance=distance, normalize=normalize, metric=metric)
 
