@@ -252,3 +252,20 @@ def test_many_ties_long_rows(ap_mode):
     np.testing.assert_allclose(out['cmc'], ref_cmc, atol=1e-12)
     np.testing.assert_allclose(out['all_AP'], ref_aps, atol=1e-12)
     assert abs(out['mINP'] - ref_inp) < 1e-12
+
+
+def test_evaluate_multi_query_uses_pooled_queries():
+    rng = np.random.default_rng(2)
+    feats = {'global': rng.standard_normal((12, 4)).astype(np.float32),
+             'ids': np.array([1, 2, 3, 1, 2, 3, 1, 2, 3, 1, 2, 0]),
+             'cams': np.array([1, 1, 1, 2, 2, 2, 1, 1, 2, 1, 2, 2]),
+             'marks': np.array([0, 0, 0, 1, 1, 1, 2, 2, 2, 1, 1, 1])}
+    res = ev.evaluate(feats, multi_query='avg')['global']
+    pooled = feats['global'][[0, 1, 2]].copy()
+    pooled[0] = feats['global'][[0, 6]].mean(0)       # id 1 cam 1 has one mark-2 image
+    pooled[1] = feats['global'][[1, 7]].mean(0)       # id 2 cam 1 likewise; id 3 cam 1 none
+    g = feats['marks'] == 1
+    want = ev.evaluate_rank(ev.compute_dist(pooled, feats['global'][g]), feats['ids'][:3],
+                            feats['ids'][g], feats['cams'][:3], feats['cams'][g])
+    np.testing.assert_allclose(res['all_AP'], want['all_AP'])
+    np.testing.assert_allclose(res['cmc'], want['cmc'])
