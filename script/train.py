@@ -471,10 +471,13 @@ def main(args, compute=None):
                 args.ids_per_batch, args.ims_per_id, world)
 
     # model, loss, optimizer, schedule
+    from_ckpt = args.resume or args.onlytest
     model = Model(base=args.base_model, last_stride=args.last_stride,
                   local_conv_out_channels=args.local_conv_out_channels,
                   num_classes=num_classes if args.id_loss_weight > 0 else None,
-                  pretrained=args.pretrained, pretrained_path=args.pretrained_path).to(device)
+                  # a resumed or tested model gets every weight from its checkpoint: no ImageNet load
+                  pretrained=args.pretrained and not from_ckpt,
+                  pretrained_path=None if from_ckpt else args.pretrained_path).to(device)
     amp_dtype, scaler = amp_settings(args.amp, device, logger)
     channels_last = amp_dtype is not None
     if channels_last:

@@ -152,11 +152,13 @@ def main(args):
                                     seed=args.seed, rank=rank, world_size=world, pin_memory=device.type == 'cuda')
     num_classes = len(partitions[part + '_ids2labels'])
 
-    # models, losses, optimizers
+    # models, losses, optimizers (resumed or tested models get every weight from the checkpoint)
+    from_ckpt = args.resume or args.onlytest
     models = [Model(base=args.base_model, last_stride=args.last_stride,
                     local_conv_out_channels=args.local_conv_out_channels,
                     num_classes=num_classes if args.id_loss_weight > 0 else None,
-                    pretrained=args.pretrained, pretrained_path=args.pretrained_path).to(device)
+                    pretrained=args.pretrained and not from_ckpt,
+                    pretrained_path=None if from_ckpt else args.pretrained_path).to(device)
               for _ in range(NUM_MODELS)]
     amp_dtype, _ = single.amp_settings(args.amp, device, logger)
     scalers = [single.amp_settings(args.amp, device, logger)[1] if amp_dtype == torch.float16 else None

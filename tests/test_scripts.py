@@ -12,15 +12,16 @@ from pathlib import Path
 
 import pytest
 import torch
+import torchvision
 
 from aligned_reid.prepare import prepare_market_layout
 from aligned_reid.synthetic import render_market_tree
 
 REPO = Path(__file__).resolve().parents[1]
 SCRIPT = REPO / 'script'
-# Overrides appended to the README's commands: a CPU-sized model and a set with few identities, and no
-# ImageNet download (no network here).
-SMALL = ' --base_model resnet18 --resize_h_w 64 32 --total_epochs 1 --ids_per_batch 4 --pretrained false --workers 0'
+# Overrides appended to the README's commands: a CPU-sized model and a set with few identities. The
+# default --pretrained true stays: the ImageNet weights come from the torch hub cache of `world`.
+SMALL = ' --base_model resnet18 --resize_h_w 64 32 --total_epochs 1 --ids_per_batch 4 --workers 0'
 TINY = ['--base_model', 'resnet18', '--resize_h_w', '64', '32', '--ids_per_batch', '4', '--ims_per_id', '2',
         '--pretrained', 'false', '--workers', '0', '--seed', '3']
 
@@ -108,7 +109,14 @@ def world(tmp_path_factory):
     script_dir.mkdir(parents=True)
     for name in ('train.py', 'test.py'):
         (script_dir / name).symlink_to(SCRIPT / name)
-    env = dict(os.environ, HOME=str(home), PYTHONUNBUFFERED='1',
+    # torchvision looks in $TORCH_HOME/hub/checkpoints before it downloads: a (random) resnet18 state
+    # dict under the official file name stands in for the ImageNet weights, no network needed.
+    torch_home = root / 'torch_home'
+    (torch_home / 'hub' / 'checkpoints').mkdir(parents=True)
+    torch.save(torchvision.models.resnet18().state_dict(),
+               torch_home / 'hub' / 'checkpoints' / os.path.basename(
+                   torchvision.models.ResNet18_Weights.IMAGENET1K_V1.url))
+    env = dict(os.environ, HOME=str(home), TORCH_HOME=str(torch_home), PYTHONUNBUFFERED='1',
                PATH=os.path.dirname(sys.executable) + os.pathsep + os.environ.get('PATH', ''))
     return {'root': root, 'home': home, 'env': env,
             'market': str(home / 'Dataset' / 'market1501' / 'partitions.pkl'),
@@ -149,6 +157,7 @@ def test_readme_commands_verbatim(world):
     saved = json.load(open(exp / 'args.json'))
     assert saved['ids_per_batch'] == 4 and saved['ims_per_id'] == 4 and saved['base_lr'] == 2e-4
     assert saved['train_partitions'] == world['market'] and saved['normalize_feature'] is False
+    assert saved['pretrained'] is True and saved['pretrained_path'] is None
 
     # As written, the resume command runs `python train.py --resume True` alone (the next line lacks a
     # backslash, so bash then fails on `--train_dataset ...`): it resumes the market1501 run with its saved
@@ -172,6 +181,15 @@ def test_readme_commands_verbatim(world):
     assert r.returncode == 0, r.stdout + r.stderr
     cross = json.load(open(exp / 'metrics_duke.json'))
     assert cross['test_dataset'] == 'duke' and cross['test_partitions'] == world['duke']
+
+    # Testing or resuming a run that trained from ImageNet weights takes every weight from the checkpoint:
+    # it works with no cached weights and no network.
+    offline = dict(world['env'], TORCH_HOME=str(world['root'] / 'empty_torch_home'))
+    r = subprocess.run([sys.executable, str(SCRIPT / 'train.py'), '--onlytest', 'true', '--to_re_rank', 'false',
+                        '--exp_dir', str(exp)], cwd=str(world['root']), env=offline,
+                       capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stdout + r.stderr
+    assert 'Rank-1' in r.stdout
 
 
 def _train(argv, compute=None):
