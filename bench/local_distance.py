@@ -60,7 +60,7 @@ def main(args):
                                          args.repeats)
     print(f"{args.num_query} x {args.num_gallery} pairs of {args.stripes} x {args.dim} stripes, "
           f"{torch.get_num_threads()} threads, best of {args.repeats}")
-    print(f"                    wall s   CPU s")
+    print("                    wall s   CPU s")
     print(f"per-cell baseline : {w_base:7.3f} {c_base:7.3f}")
     print(f"local_dist (ours) : {w_ours:7.3f} {c_ours:7.3f}")
     print(f"speed-up          : {w_base / w_ours:6.2f}x {c_base / c_ours:6.2f}x")

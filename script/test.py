@@ -2,7 +2,6 @@
 with global / local / global+local distances and optional re-ranking; prints the table, writes metrics."""
 import argparse
 import os
-import sys
 
 import numpy as np
 import torch

@@ -439,24 +439,26 @@ def save(path, model, optimizer, scaler, epoch, step_in_epoch, best, args):
     utils.barrier()
 
 
-# ----------------------------------------------------------------------------- main
-
-def main(args, compute=None):
-    # seed and distributed set-up
+def setup_run(args):
+    """Distributed set-up, the experiment folder, logging, the saved arguments and the seed.
+    Returns (rank, world size, device, logger)."""
     rank, world, local_rank = utils.init_distributed(args.device)
     device = torch.device('cuda', local_rank) if args.device == 'cuda' and world > 1 else torch.device(args.device)
-    main_proc = rank == 0
-    if main_proc:
+    if rank == 0:
         os.makedirs(args.exp_dir, exist_ok=True)
     utils.barrier()
-    logger = utils.setup_logging(os.path.join(args.exp_dir, 'train.log'), main_process=main_proc)
-    if main_proc:
+    logger = utils.setup_logging(os.path.join(args.exp_dir, 'train.log'), main_process=rank == 0)
+    if rank == 0:
         utils.write_json(vars(args), os.path.join(args.exp_dir, 'args.json'))
         logger.info('command: %s', ' '.join(sys.argv))
         logger.info('arguments: %s', json.dumps(vars(args), sort_keys=True))
     utils.set_seed(args.seed + rank)
+    return rank, world, device, logger
 
-    # data
+
+def build_train_data(args, rank, world, device, logger):
+    """The training split's P x K loader for this rank. Returns (partitions, images folder, loader,
+    number of identities)."""
     partitions = data.read_partitions(args.train_partitions)
     im_dir = data.partitions_images_dir(args.train_partitions)
     part = args.trainset_part
@@ -469,15 +471,33 @@ def main(args, compute=None):
     logger.info('train set: %s %s, %d identities, %d images, %d steps of %d x %d per epoch on %d process(es)',
                 args.train_dataset, part, num_classes, len(partitions[part + '_im_names']), len(loader),
                 args.ids_per_batch, args.ims_per_id, world)
+    return partitions, im_dir, loader, num_classes
+
+
+def build_model(args, num_classes, device):
+    """The Model the flags describe, on `device`. A resumed or tested model gets every weight from its
+    checkpoint, so it skips the ImageNet weights (and works offline)."""
+    from_ckpt = args.resume or args.onlytest
+    return Model(base=args.base_model, last_stride=args.last_stride,
+                 local_conv_out_channels=args.local_conv_out_channels,
+                 num_classes=num_classes if args.id_loss_weight > 0 else None,
+                 pretrained=args.pretrained and not from_ckpt,
+                 pretrained_path=None if from_ckpt else args.pretrained_path).to(device)
+
+
+# ----------------------------------------------------------------------------- main
+
+def main(args, compute=None):
+    # seed and distributed set-up
+    rank, world, device, logger = setup_run(args)
+    main_proc = rank == 0
+
+    # data
+    partitions, im_dir, loader, num_classes = build_train_data(args, rank, world, device, logger)
+    part = args.trainset_part
 
     # model, loss, optimizer, schedule
-    from_ckpt = args.resume or args.onlytest
-    model = Model(base=args.base_model, last_stride=args.last_stride,
-                  local_conv_out_channels=args.local_conv_out_channels,
-                  num_classes=num_classes if args.id_loss_weight > 0 else None,
-                  # a resumed or tested model gets every weight from its checkpoint: no ImageNet load
-                  pretrained=args.pretrained and not from_ckpt,
-                  pretrained_path=None if from_ckpt else args.pretrained_path).to(device)
+    model = build_model(args, num_classes, device)
     amp_dtype, scaler = amp_settings(args.amp, device, logger)
     channels_last = amp_dtype is not None
     if channels_last:
@@ -510,7 +530,7 @@ def main(args, compute=None):
         return None
 
     if world > 1:
-        model = DistributedDataParallel(model, device_ids=[local_rank] if device.type == 'cuda' else None,
+        model = DistributedDataParallel(model, device_ids=[device.index] if device.type == 'cuda' else None,
                                         find_unused_parameters=args.local_loss_weight == 0 or args.global_loss_weight == 0)
     writer = make_writer(args.exp_dir) if main_proc else None
     stop = StopFlag()

@@ -12,7 +12,6 @@ from tqdm import tqdm
 import train as single  # script/train.py, beside this file
 from aligned_reid import data, utils
 from aligned_reid.loss import compute_losses, mutual_losses
-from aligned_reid.model import Model
 
 NUM_MODELS = 2
 
@@ -129,37 +128,14 @@ def save(path, models, optimizers, scalers, epoch, step_in_epoch, args):
 
 def main(args):
     # seed and distributed set-up
-    rank, world, local_rank = utils.init_distributed(args.device)
-    device = torch.device('cuda', local_rank) if args.device == 'cuda' and world > 1 else torch.device(args.device)
+    rank, world, device, logger = single.setup_run(args)
     main_proc = rank == 0
-    if main_proc:
-        os.makedirs(args.exp_dir, exist_ok=True)
-    utils.barrier()
-    logger = utils.setup_logging(os.path.join(args.exp_dir, 'train.log'), main_process=main_proc)
-    if main_proc:
-        utils.write_json(vars(args), os.path.join(args.exp_dir, 'args.json'))
-        logger.info('command: %s', ' '.join(sys.argv))
-    utils.set_seed(args.seed + rank)
 
     # data
-    partitions = data.read_partitions(args.train_partitions)
-    im_dir = data.partitions_images_dir(args.train_partitions)
-    part = args.trainset_part
-    train_tf = data.build_transform(tuple(args.resize_h_w), train=True, crop_prob=args.crop_prob,
-                                    crop_ratio=args.crop_ratio, random_erasing=args.random_erasing)
-    loader = data.make_train_loader(im_dir, partitions[part + '_im_names'], partitions[part + '_ids2labels'],
-                                    args.ids_per_batch, args.ims_per_id, train_tf, workers=args.workers,
-                                    seed=args.seed, rank=rank, world_size=world, pin_memory=device.type == 'cuda')
-    num_classes = len(partitions[part + '_ids2labels'])
+    partitions, im_dir, loader, num_classes = single.build_train_data(args, rank, world, device, logger)
 
-    # models, losses, optimizers (resumed or tested models get every weight from the checkpoint)
-    from_ckpt = args.resume or args.onlytest
-    models = [Model(base=args.base_model, last_stride=args.last_stride,
-                    local_conv_out_channels=args.local_conv_out_channels,
-                    num_classes=num_classes if args.id_loss_weight > 0 else None,
-                    pretrained=args.pretrained and not from_ckpt,
-                    pretrained_path=None if from_ckpt else args.pretrained_path).to(device)
-              for _ in range(NUM_MODELS)]
+    # models, losses, optimizers
+    models = [single.build_model(args, num_classes, device) for _ in range(NUM_MODELS)]
     amp_dtype, _ = single.amp_settings(args.amp, device, logger)
     scalers = [single.amp_settings(args.amp, device, logger)[1] if amp_dtype == torch.float16 else None
                for _ in models]
@@ -191,7 +167,7 @@ def main(args):
 
     if not args.onlytest:
         if world > 1:
-            models = [DistributedDataParallel(m, device_ids=[local_rank] if device.type == 'cuda' else None,
+            models = [DistributedDataParallel(m, device_ids=[device.index] if device.type == 'cuda' else None,
                                               find_unused_parameters=True) for m in models]
         writer = single.make_writer(args.exp_dir) if main_proc else None
         stop = single.StopFlag()
