@@ -468,14 +468,15 @@ def resolve_raw(raw_dir, zip_file, default_dir, default_zip):
 
 
 def add_common_arguments(parser, default_dir, zip_name=None, folder_name=None, val=True):
-    """The flags every prepare script shares: --zip_file, --raw_dir, --save_dir, --overwrite,
-    --copy and (val=True) --num_val_ids, --seed."""
+    """The flags every prepare script shares: --zip_file or --raw_dir (not both), --save_dir,
+    --overwrite, --copy and (val=True) --num_val_ids, --seed."""
+    raw = parser.add_mutually_exclusive_group()  # argparse refuses both, naming the two flags
     if zip_name:
-        parser.add_argument('--zip_file', default=None,
+        raw.add_argument('--zip_file', default=None,
                             help=f'the downloaded zip (default: {default_dir}/{zip_name}, used when '
                                  'the extracted folder is absent)')
     if folder_name:
-        parser.add_argument('--raw_dir', default=None,
+        raw.add_argument('--raw_dir', default=None,
                             help=f'the extracted folder (default: {default_dir}/{folder_name} when it exists)')
     parser.add_argument('--save_dir', default=default_dir, help='output folder (default: %(default)s)')
     parser.add_argument('--overwrite', action='store_true',

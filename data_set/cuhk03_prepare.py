@@ -256,8 +256,6 @@ def build_parser():
 def main(argv=None):
     p = build_parser()
     args = p.parse_args(argv)
-    if args.zip_file and args.raw_dir:
-        p.error('give either --zip_file or --raw_dir, not both')
     if args.split == 'new' and args.split_id != 0:
         p.error('--split_id applies to --split classic only')
     save_dir = os.path.expanduser(args.save_dir)

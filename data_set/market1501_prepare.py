@@ -22,8 +22,6 @@ def build_parser():
 def main(argv=None):
     p = build_parser()
     args = p.parse_args(argv)
-    if args.zip_file and args.raw_dir:
-        p.error('give either --zip_file or --raw_dir, not both')
     raw = resolve_raw(args.raw_dir, args.zip_file, os.path.join(DEFAULT_DIR, FOLDER_NAME),
                       os.path.join(DEFAULT_DIR, ZIP_NAME))
     return prepare_market_layout(raw, os.path.expanduser(args.save_dir), dataset='market1501',

@@ -143,8 +143,6 @@ def build_parser():
 def main(argv=None):
     p = build_parser()
     args = p.parse_args(argv)
-    if args.zip_file and args.raw_dir:
-        p.error('give either --zip_file or --raw_dir, not both')
     raw = args.raw_dir or args.zip_file
     if raw is None:
         candidates = [os.path.join(DEFAULT_DIR, v + ext) for v in VERSIONS for ext in ('', '.zip')]

@@ -323,8 +323,11 @@ def test_cli_main_and_flags(tmp_path, capsys):
     assert 'trainval' in out and 'multi-query' in out and 'junk' in out
     with pytest.raises(FileExistsError):
         script.main(['--raw_dir', str(tmp_path / 'raw'), '--save_dir', str(tmp_path / 'out')])
+    capsys.readouterr()
     with pytest.raises(SystemExit):
         script.main(['--raw_dir', 'a', '--zip_file', 'b'])
+    err = capsys.readouterr().err
+    assert '--zip_file' in err and '--raw_dir' in err and 'not allowed' in err
 
 
 def test_cli_default_paths_from_data_set_folder(tmp_path):
