@@ -45,6 +45,12 @@ def str2bool(v):
     raise ValueError("expected a boolean word (true/false, yes/no, 1/0), got {!r}".format(v))
 
 
+
+def boolean(v):
+    """str2bool as an argparse `type` for the original's true/false flags; the name makes argparse
+    report 'invalid boolean value'."""
+    return str2bool(v)
+
 # ----------------------------------------------------------------------------- checkpoints
 
 def save_checkpoint(state, path):

@@ -7,6 +7,7 @@ import numpy as np
 import torch
 
 from aligned_reid import data, utils
+from aligned_reid.utils import boolean
 from aligned_reid.model import Model
 
 DISTANCES = {'global': ('global',), 'local': ('local',), 'global_local': ('global_local',),
@@ -14,11 +15,6 @@ DISTANCES = {'global': ('global',), 'local': ('local',), 'global_local': ('globa
 MODEL_FLAGS = ('base_model', 'last_stride', 'local_conv_out_channels', 'resize_h_w', 'normalize_feature')
 MODEL_DEFAULTS = {'base_model': 'resnet50', 'last_stride': 2, 'local_conv_out_channels': 128,
                   'resize_h_w': [256, 128], 'normalize_feature': False}
-
-
-def boolean(v):
-    """argparse type for the original's `true/false` words."""
-    return utils.str2bool(v)
 
 
 def build_parser():

@@ -15,6 +15,7 @@ from torch.nn.parallel import DistributedDataParallel
 from tqdm import tqdm
 
 from aligned_reid import data, utils
+from aligned_reid.utils import boolean
 from aligned_reid.loss import compute_losses
 from aligned_reid.model import Model
 
@@ -30,11 +31,6 @@ SCALAR_GROUPS = {
     'lr': {'lr': 'lr'},
     'speed': {'images_per_s': 'images_per_s'},
 }
-
-
-def boolean(v):
-    """argparse type for the original's `true/false` words (named so argparse says 'invalid boolean value')."""
-    return utils.str2bool(v)
 
 
 def build_parser():
