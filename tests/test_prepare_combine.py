@@ -1,26 +1,18 @@
 """Tests of data_set/combine_all.py: trainval sets of prepared datasets combined with disjoint ids and cameras."""
-import importlib.util
-import pathlib
 
 import pytest
 from PIL import Image
 
 from aligned_reid import prepare
 from aligned_reid.data import parse_im_name, read_partitions
+from script_loader import load_script
 
-REPO = pathlib.Path(__file__).resolve().parents[1]
 # tiny inputs: the official-count warning is expected (asserted where it matters)
 pytestmark = pytest.mark.filterwarnings('ignore:.*counts differ from the official ones')
 
 
-def load_script(name):
-    spec = importlib.util.spec_from_file_location(name, REPO / 'data_set' / f'{name}.py')
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
 
-
-combine_all = load_script('combine_all')
+combine_all = load_script('data_set', 'combine_all')
 
 
 def make_prepared(root, dataset, pids, cams, tag):

@@ -1,7 +1,5 @@
 """Tests of data_set/cuhk03_prepare.py on small inputs in the real formats: an HDF5 file with MATLAB
 v7.3 style object references (cuhk-03.mat), v5 protocol files (scipy), and the CUHK03-NP folders."""
-import importlib.util
-import pathlib
 import zipfile
 
 import h5py
@@ -11,21 +9,15 @@ from PIL import Image
 from scipy.io import savemat
 
 from aligned_reid.data import parse_im_name, read_partitions
+from script_loader import load_script
 
-REPO = pathlib.Path(__file__).resolve().parents[1]
 # tiny inputs: the official-count warning is expected (asserted where it matters)
 pytestmark = pytest.mark.filterwarnings('ignore:.*counts differ from the official ones')
 PERSONS = (4, 3, 2)  # persons per camera pair (the real file: 843, 440, 77, 58, 49)
 
 
-def load_script(name):
-    spec = importlib.util.spec_from_file_location(name, REPO / 'data_set' / f'{name}.py')
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
 
-
-cuhk03 = load_script('cuhk03_prepare')
+cuhk03 = load_script('data_set', 'cuhk03_prepare')
 
 
 def image_of(t, pair, person, slot):

@@ -1,5 +1,4 @@
 """Tests of the DukeMTMC-reID preparation (data_set/duke_prepare.py) and of the official-count check."""
-import importlib.util
 import pathlib
 import warnings
 import zipfile
@@ -9,15 +8,9 @@ from PIL import Image
 
 from aligned_reid import prepare
 from aligned_reid.data import parse_im_name, read_partitions
+from script_loader import load_script
 
-REPO = pathlib.Path(__file__).resolve().parents[1]
 
-
-def load_script(name):
-    spec = importlib.util.spec_from_file_location(name, REPO / 'data_set' / f'{name}.py')
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
 
 
 def build_duke_zip(path):
@@ -45,7 +38,7 @@ def build_duke_zip(path):
 
 def test_duke_zip(tmp_path):
     build_duke_zip(tmp_path / 'DukeMTMC-reID.zip')
-    script = load_script('duke_prepare')
+    script = load_script('data_set', 'duke_prepare')
     with pytest.warns(UserWarning, match="split 'query'"):
         script.main(['--zip_file', str(tmp_path / 'DukeMTMC-reID.zip'), '--save_dir', str(tmp_path / 'duke'),
                      '--num_val_ids', '2'])

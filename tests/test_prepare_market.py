@@ -1,7 +1,6 @@
 """Tests of the Market-1501 layout preparation (aligned_reid.prepare, data_set/market1501_prepare.py)
 on hand-built trees with the real naming quirks."""
 import hashlib
-import importlib.util
 import os
 import pathlib
 import pickle
@@ -15,15 +14,10 @@ from PIL import Image
 
 from aligned_reid import prepare
 from aligned_reid.data import parse_im_name, read_partitions
+from script_loader import load_script
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
 
-
-def load_script(name):
-    spec = importlib.util.spec_from_file_location(name, REPO / 'data_set' / f'{name}.py')
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
 
 
 def save_image(path, value):
@@ -315,7 +309,7 @@ def test_bad_input_messages(tmp_path):
 
 def test_cli_main_and_flags(tmp_path, capsys):
     build_market_tree(tmp_path / 'raw')
-    script = load_script('market1501_prepare')
+    script = load_script('data_set', 'market1501_prepare')
     with pytest.warns(UserWarning, match="split 'trainval'"):
         script.main(['--raw_dir', str(tmp_path / 'raw'), '--save_dir', str(tmp_path / 'out'),
                      '--num_val_ids', '2'])

@@ -1,26 +1,18 @@
 """Tests of data_set/msmt17_prepare.py on small MSMT17 V1 (folder) and V2 (zip) trees with list files."""
-import importlib.util
-import pathlib
 import zipfile
 
 import pytest
 from PIL import Image
 
 from aligned_reid.data import parse_im_name, read_partitions
+from script_loader import load_script
 
-REPO = pathlib.Path(__file__).resolve().parents[1]
 # tiny inputs: the official-count warning is expected (asserted where it matters)
 pytestmark = pytest.mark.filterwarnings('ignore:.*counts differ from the official ones')
 
 
-def load_script(name):
-    spec = importlib.util.spec_from_file_location(name, REPO / 'data_set' / f'{name}.py')
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
 
-
-msmt = load_script('msmt17_prepare')
+msmt = load_script('data_set', 'msmt17_prepare')
 
 
 def build_msmt(root, train_dir='train', test_dir='test'):

@@ -1,6 +1,5 @@
 """End-to-end tests of script/train.py and script/test.py on a tiny synthetic set: the original README's
 commands verbatim, exact resume, signals, non-finite losses, two-process gloo torchrun, bad input."""
-import importlib.util
 import json
 import os
 import re
@@ -16,6 +15,7 @@ import torchvision
 
 from aligned_reid.prepare import prepare_market_layout
 from aligned_reid.synthetic import render_market_tree
+from script_loader import load_script
 
 REPO = Path(__file__).resolve().parents[1]
 SCRIPT = REPO / 'script'
@@ -83,15 +83,8 @@ python test.py \
 --test_dataset_partitions /data/DataSet/duke/partitions.pkl"""
 
 
-def _load_script(name):
-    spec = importlib.util.spec_from_file_location('script_' + name, SCRIPT / (name + '.py'))
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
-train_script = _load_script('train')
-test_script = _load_script('test')
+train_script = load_script('script', 'train')
+test_script = load_script('script', 'test')
 
 
 @pytest.fixture(scope='module')

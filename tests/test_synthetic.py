@@ -1,6 +1,5 @@
 """Tests of the synthetic renderer (aligned_reid/synthetic.py) and data_set/synthetic_prepare.py:
 determinism, the Market-1501 layout and names, counts, cross-camera matches, image sizes."""
-import importlib.util
 import os
 import re
 from collections import defaultdict
@@ -12,8 +11,8 @@ from PIL import Image
 
 from aligned_reid.data import parse_im_name, read_partitions, validate_partitions
 from aligned_reid.synthetic import SUBDIRS, make_camera, make_identity, render_market_tree
+from script_loader import load_script
 
-REPO = Path(__file__).resolve().parents[1]
 MARKET_RE = re.compile(r'^(-1|\d{4})_c(\d)s(\d)_(\d{6})_(\d{2})\.jpg$')
 SMALL = dict(num_train_ids=5, num_test_ids=6, ims_per_id_cam=2, num_cams=4, im_size=(48, 24))
 
@@ -152,15 +151,9 @@ def test_bad_arguments(tmp_path):
     assert len({parse(n)[0] for n in os.listdir(tmp_path / 'b' / 'bounding_box_train')}) == 3
 
 
-def load_script(name):
-    spec = importlib.util.spec_from_file_location(name, REPO / 'data_set' / f'{name}.py')
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
 
 def test_synthetic_prepare_end_to_end(tmp_path, capsys):
-    prep = load_script('synthetic_prepare')
+    prep = load_script('data_set', 'synthetic_prepare')
     argv = ['--save_dir', str(tmp_path / 'syn'), '--num_train_ids', '8', '--num_test_ids', '5',
             '--ims_per_id_cam', '2', '--num_cams', '3', '--im_size', '32', '16', '--seed', '1']
     prep.main(argv)
