@@ -481,6 +481,14 @@ def build_model(args, num_classes, device):
                  pretrained_path=None if from_ckpt else args.pretrained_path).to(device)
 
 
+def epoch_lr(args, epoch):
+    """The learning rate of (1-based) `epoch` under the schedule the flags describe."""
+    return utils.lr_at_epoch(args.lr_decay_type, args.base_lr, epoch, args.total_epochs,
+                             exp_decay_at_epoch=args.exp_decay_at_epoch,
+                             staircase_decay_at_epochs=args.staircase_decay_at_epochs,
+                             staircase_decay_multiply_factor=args.staircase_decay_multiply_factor)
+
+
 # ----------------------------------------------------------------------------- main
 
 def main(args, compute=None):
@@ -534,10 +542,7 @@ def main(args, compute=None):
 
     # epoch loop
     for epoch in range(start_epoch + 1, args.total_epochs + 1):
-        lr = utils.lr_at_epoch(args.lr_decay_type, args.base_lr, epoch, args.total_epochs,
-                               exp_decay_at_epoch=args.exp_decay_at_epoch,
-                               staircase_decay_at_epochs=args.staircase_decay_at_epochs,
-                               staircase_decay_multiply_factor=args.staircase_decay_multiply_factor)
+        lr = epoch_lr(args, epoch)
         utils.set_lr(optimizer, lr)
         data.set_loader_epoch(loader, epoch)
         t0 = time.time()

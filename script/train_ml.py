@@ -173,10 +173,7 @@ def main(args):
         stop = single.StopFlag()
         stop.install()
         for epoch in range(start_epoch + 1, args.total_epochs + 1):
-            lr = utils.lr_at_epoch(args.lr_decay_type, args.base_lr, epoch, args.total_epochs,
-                                   exp_decay_at_epoch=args.exp_decay_at_epoch,
-                                   staircase_decay_at_epochs=args.staircase_decay_at_epochs,
-                                   staircase_decay_multiply_factor=args.staircase_decay_multiply_factor)
+            lr = single.epoch_lr(args, epoch)
             for o in optimizers:
                 utils.set_lr(o, lr)
             data.set_loader_epoch(loader, epoch)

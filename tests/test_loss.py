@@ -12,13 +12,8 @@ from aligned_reid.loss import (batch_local_dist, compute_losses, euclidean_dist,
                                shortest_path, triplet_loss)
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    # These tensors are tiny; on a shared machine thread wake-ups would cost more than the work.
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+# Tiny tensors: on a shared machine thread wake-ups would cost more than the work.
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 def brute_shortest_path(grid):

@@ -9,13 +9,8 @@ import torchvision
 from aligned_reid.model import Model
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    # Batch-1 forwards on a shared machine: thread wake-ups would cost more than they save.
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+# Tiny tensors: on a shared machine thread wake-ups would cost more than the work.
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 @pytest.mark.parametrize("last_stride", [2, 1])
