@@ -474,11 +474,16 @@ def build_model(args, num_classes, device):
     """The Model the flags describe, on `device`. A resumed or tested model gets every weight from its
     checkpoint, so it skips the ImageNet weights (and works offline)."""
     from_ckpt = args.resume or args.onlytest
-    return Model(base=args.base_model, last_stride=args.last_stride,
-                 local_conv_out_channels=args.local_conv_out_channels,
-                 num_classes=num_classes if args.id_loss_weight > 0 else None,
-                 pretrained=args.pretrained and not from_ckpt,
-                 pretrained_path=None if from_ckpt else args.pretrained_path).to(device)
+    try:
+        model = Model(base=args.base_model, last_stride=args.last_stride,
+                      local_conv_out_channels=args.local_conv_out_channels,
+                      num_classes=num_classes if args.id_loss_weight > 0 else None,
+                      pretrained=args.pretrained and not from_ckpt,
+                      pretrained_path=None if from_ckpt else args.pretrained_path)
+    except RuntimeError as e:  # ImageNet weights unreachable: say which flags help, no traceback
+        raise SystemExit('{}: --pretrained true: {} To train from scratch instead, pass --pretrained false.'
+                         .format(os.path.basename(sys.argv[0]), e))
+    return model.to(device)
 
 
 def epoch_lr(args, epoch):

@@ -183,6 +183,14 @@ def test_readme_commands_verbatim(world):
                        capture_output=True, text=True, timeout=300)
     assert r.returncode == 0, r.stdout + r.stderr
     assert 'Rank-1' in r.stdout
+    # A new run that asks for ImageNet weights it cannot get stops with a message naming the way out.
+    r = subprocess.run([sys.executable, str(SCRIPT / 'train.py'), '--train_partitons', world['market'],
+                        '--base_model', 'resnet18', '--ids_per_batch', '4',
+                        '--exp_dir', str(world['root'] / 'offline_run')],
+                       cwd=str(world['root']), env=offline, capture_output=True, text=True, timeout=300)
+    assert r.returncode != 0
+    assert '--pretrained_path' in r.stderr and '--pretrained false' in r.stderr and 'Traceback' not in r.stderr
+    assert not (world['root'] / 'offline_run' / 'ckpt.pth').exists()
 
 
 def _train(argv, compute=None):
