@@ -80,33 +80,6 @@ def _shortest_path_cells_first(dist):
     return prev[0]
 
 
-def _shortest_path_inplace(dist):
-    """Same as `_shortest_path_cells_first`, for inference: overwrites dist [m, n, *P] (any
-    strides) with the partial path sums D and returns D[m-1, n-1] [*P] (a view into dist).
-
-    First row and first column are cumulative sums; every later anti-diagonal is two tensor
-    operations (a minimum and an in-place add), about half the operations of the
-    differentiable sweep, which matters when many blocks run on a busy CPU."""
-    m, n = dist.shape[:2]
-    if m == 1 or n == 1:
-        return dist.sum(dim=(0, 1))
-    dist[0] = dist[0].cumsum(0)
-    dist[:, 0] = dist[:, 0].cumsum(0)
-    s_i, s_j = dist.stride(0), dist.stride(1)
-    tail_size, tail_stride = list(dist.shape[2:]), list(dist.stride()[2:])
-    offset = dist.storage_offset()
-
-    def diagonal(k, lo, hi):            # cells (lo, k - lo) ... (hi, k - hi): [hi - lo + 1, *P]
-        return dist.as_strided([hi - lo + 1] + tail_size, [s_i - s_j] + tail_stride,
-                               offset + lo * s_i + (k - lo) * s_j)
-
-    for k in range(2, m + n - 1):
-        lo, hi = max(1, k - n + 1), min(k - 1, m - 1)       # cells off the first row / column
-        up, left = diagonal(k - 1, lo - 1, hi - 1), diagonal(k - 1, lo, hi)
-        diagonal(k, lo, hi).add_(torch.minimum(up, left))
-    return dist[m - 1, n - 1]
-
-
 def shortest_path(dist):
     """Shortest path through a distance grid, as in AlignedReID's aligned local distance.
 
@@ -168,8 +141,7 @@ def local_dist(x, y, block_size=None, aligned=True):
             # [m, n, B, N] view of the [m, B, n, N] matrix: each grid cell is B rows of N
             # contiguous pairs, and the shortest-path sweep reads the diagonals in place.
             grid = grid.view(m, B, n, N).transpose(1, 2)
-            sweep = _shortest_path_cells_first if need_grad else _shortest_path_inplace
-            out.append(2. * sweep(grid) - (m + n - 1))
+            out.append(2. * _shortest_path_cells_first(grid) - (m + n - 1))
         else:
             out.append(2. * grid.sum(0) - m)
     if not out:

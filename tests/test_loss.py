@@ -6,7 +6,7 @@ import math
 import pytest
 import torch
 
-from aligned_reid.loss import _shortest_path_inplace
+from aligned_reid.loss import _shortest_path_cells_first
 from aligned_reid.loss import (batch_local_dist, compute_losses, euclidean_dist,
                                hard_example_mining, local_dist, mutual_losses, normalize,
                                shortest_path, triplet_loss)
@@ -57,14 +57,14 @@ def test_shortest_path_matches_enumeration():
                 assert abs(got[b].item() - brute_shortest_path(grid[b])) < 1e-9, (m, n)
 
 
-def test_inplace_sweep_matches_enumeration():
-    # The inference sweep used by local_dist without autograd, on a strided [m, n, 2, 3] view.
+def test_sweep_on_strided_view_matches_enumeration():
+    # local_dist hands the sweep a non-contiguous [m, n, B, N] view of its distance grid.
     gen = torch.Generator().manual_seed(12)
     for m in range(1, 7):
         for n in range(1, 7):
             grid = torch.rand(2, m, 3, n, generator=gen, dtype=torch.float64)
             expected = [[brute_shortest_path(grid[b, :, c]) for c in range(3)] for b in range(2)]
-            got = _shortest_path_inplace(grid.permute(1, 3, 0, 2))
+            got = _shortest_path_cells_first(grid.permute(1, 3, 0, 2))
             assert torch.allclose(got, torch.tensor(expected, dtype=torch.float64), atol=1e-9)
 
 
