@@ -1,5 +1,6 @@
-"""Data half of the pipeline: the partitions.pkl contract, image names, transforms, the P x K
-identity sampler (DistributedDataParallel aware) and the train / test datasets and loaders."""
+"""Data half of the pipeline: the partitions.pkl contract, image names, the test transform, the P x K
+identity sampler (DistributedDataParallel aware), the train / test datasets and the two training
+input pipelines (loader workers, or decoded images held in memory and augmented in batch)."""
 import io
 import os
 import pickle
@@ -12,8 +13,7 @@ from PIL import Image
 from torch.utils.data import DataLoader, Dataset
 from torchvision import transforms as T
 
-IMAGENET_MEAN = (0.485, 0.456, 0.406)
-IMAGENET_STD = (0.229, 0.224, 0.225)
+from .augment import IMAGENET_MEAN, IMAGENET_STD, training_set_bytes
 
 FORMAT_VERSION = 1
 # (image-name key, companion key, companion kind) for every split of the contract.
@@ -181,36 +181,14 @@ def partitions_images_dir(partitions_path):
 
 # ----------------------------------------------------------------------------- transforms
 
-class RandomCropResize:
-    """With probability `prob`, crop a random window of `ratio` x the image's height and width,
-    then resize back to `size` (h, w); otherwise resize only."""
-
-    def __init__(self, size, prob, ratio):
-        self.size, self.prob, self.ratio = tuple(size), prob, ratio
-
-    def __call__(self, im):
-        if self.prob > 0 and self.ratio < 1 and torch.rand(()).item() < self.prob:
-            w, h = im.size
-            cw, ch = max(1, round(w * self.ratio)), max(1, round(h * self.ratio))
-            x0 = int(torch.randint(0, w - cw + 1, ()).item())
-            y0 = int(torch.randint(0, h - ch + 1, ()).item())
-            im = im.crop((x0, y0, x0 + cw, y0 + ch))
-        return im.resize((self.size[1], self.size[0]), Image.BILINEAR)
-
-
-def build_transform(resize_h_w=(256, 128), train=False, flip=True, crop_prob=0.0, crop_ratio=1.0,
-                    random_erasing=0.0, mean=IMAGENET_MEAN, std=IMAGENET_STD):
-    """PIL image -> float tensor [3, H, W], normalised. Training adds random horizontal flip,
-    optional random crop (crop_prob, crop_ratio) and random erasing (its probability)."""
-    if not 0 <= crop_prob <= 1 or not 0 < crop_ratio <= 1 or not 0 <= random_erasing <= 1:
-        raise ValueError("crop_prob and random_erasing must lie in [0, 1], crop_ratio in (0, 1]")
-    steps = [RandomCropResize(resize_h_w, crop_prob if train else 0.0, crop_ratio)]
-    if train and flip:
-        steps.append(T.RandomHorizontalFlip())
-    steps += [T.ToTensor(), T.Normalize(mean, std)]
-    if train and random_erasing > 0:
-        steps.append(T.RandomErasing(p=random_erasing, value=0))
-    return T.Compose(steps)
+def build_transform(resize_h_w=(256, 128), train=False, mean=IMAGENET_MEAN, std=IMAGENET_STD):
+    """Test transform: PIL image -> float tensor [3, H, W], resized (bilinear) and normalised.
+    Training augmentation is `aligned_reid.augment.Augment`, whose randomness depends on
+    (seed, epoch, position in the epoch) only."""
+    if train:
+        raise ValueError("build_transform is the test transform; training uses aligned_reid.augment.Augment")
+    return T.Compose([T.Resize(tuple(resize_h_w), interpolation=T.InterpolationMode.BILINEAR, antialias=True),
+                      T.ToTensor(), T.Normalize(mean, std)])
 
 
 # ----------------------------------------------------------------------------- sampler
@@ -274,17 +252,23 @@ def _load_rgb(path):
 
 
 class TrainSet(Dataset):
-    """(image [3, H, W], label) pairs; label = ids2labels[person id parsed from the name]."""
+    """Training images with their labels (ids2labels[person id parsed from the name]).
 
-    def __init__(self, im_dir, im_names, ids2labels, transform):
-        self.im_dir, self.im_names, self.transform = im_dir, list(im_names), transform
+    Indexed by keys (index, epoch, step, slot) from `TrainLoader`: the image is augmented by
+    `augment` (an aligned_reid.augment.Augment) with the randomness of that slot of that step, so
+    it does not matter which worker, or how many, load it. Returns (image [3, H, W], label)."""
+
+    def __init__(self, im_dir, im_names, ids2labels, augment):
+        self.im_dir, self.im_names, self.augment = im_dir, list(im_names), augment
         self.labels = [ids2labels[parse_im_name(n)[0]] for n in self.im_names]
 
     def __len__(self):
         return len(self.im_names)
 
-    def __getitem__(self, i):
-        return self.transform(_load_rgb(os.path.join(self.im_dir, self.im_names[i]))), self.labels[i]
+    def __getitem__(self, key):
+        i, epoch, step, slot = key
+        im = _load_rgb(os.path.join(self.im_dir, self.im_names[i]))
+        return self.augment.image(im, epoch, step, slot), self.labels[i]
 
 
 class TestSet(Dataset):
@@ -306,26 +290,159 @@ class TestSet(Dataset):
         return self.transform(_load_rgb(os.path.join(self.im_dir, self.im_names[i]))), i
 
 
-def make_train_loader(im_dir, im_names, ids2labels, ids_per_batch, ims_per_id, transform, workers=2,
-                      seed=0, rank=0, world_size=1, pin_memory=False):
-    """DataLoader of P x K batches (images [B, 3, H, W], labels [B]). Call
-    `set_loader_epoch(loader, epoch)` before each epoch: batches and augmentation then depend
-    only on (seed, epoch), so a resumed run sees the same data as an uninterrupted one."""
-    dataset = TrainSet(im_dir, im_names, ids2labels, transform)
+class _DecodeSet(Dataset):
+    """uint8 images [3, h, w], resized (bilinear), for filling the in-memory training set."""
+
+    def __init__(self, paths, size):
+        self.paths, self.size = paths, size
+
+    def __len__(self):
+        return len(self.paths)
+
+    def __getitem__(self, i):
+        im = _load_rgb(self.paths[i]).resize((self.size[1], self.size[0]), Image.BILINEAR)
+        return torch.from_numpy(np.asarray(im, dtype=np.uint8).transpose(2, 0, 1).copy())
+
+
+def decode_images(paths, size, workers=2, pin_memory=False):
+    """Decodes and resizes every image of `paths` to `size` (h, w): uint8 tensor [N, 3, h, w] on
+    the host (in pinned memory with pin_memory). Uses `workers` loader processes."""
+    out = torch.empty((len(paths), 3) + tuple(size), dtype=torch.uint8, pin_memory=pin_memory)
+    loader = DataLoader(_DecodeSet(list(paths), tuple(size)), batch_size=64, num_workers=workers)
+    n = 0
+    for batch in loader:
+        out[n:n + len(batch)] = batch
+        n += len(batch)
+    return out
+
+
+class _SlotKeys:
+    """Batch sampler for `TrainLoader`: the PKSampler's batches from `start_step` on, each index
+    paired with (epoch, step, slot in the global batch) so that its augmentation is fixed."""
+
+    def __init__(self, sampler):
+        self.sampler, self.start_step = sampler, 0
+
+    def __len__(self):
+        return len(self.sampler)
+
+    def __iter__(self):
+        s = self.sampler
+        offset = s.rank * (s.ids_per_batch // s.world_size) * s.ims_per_id
+        for step, batch in enumerate(s):
+            if step >= self.start_step:
+                yield [(i, s.epoch, step, offset + slot) for slot, i in enumerate(batch)]
+
+
+class TrainLoader:
+    """P x K batches (images [B, 3, H, W], labels [B]) decoded and augmented by loader workers that
+    live across epochs (persistent, prefetching, pinned memory on CUDA). Call `set_epoch(epoch,
+    start_step)` before iterating an epoch; batches and augmentation depend on (seed, epoch, step)
+    only, so a resumed run sees exactly the data of an uninterrupted one, whatever the workers."""
+
+    pipeline = "workers"
+
+    def __init__(self, dataset, sampler, workers=2, pin_memory=False, prefetch=4):
+        self.dataset, self.sampler, self.keys = dataset, sampler, _SlotKeys(sampler)
+        self.loader = DataLoader(dataset, batch_sampler=self.keys, num_workers=workers,
+                                 pin_memory=pin_memory, persistent_workers=workers > 0,
+                                 prefetch_factor=prefetch if workers > 0 else None)
+
+    def set_epoch(self, epoch, start_step=0):
+        self.sampler.set_epoch(epoch)
+        self.keys.start_step = start_step
+
+    def __len__(self):
+        return len(self.sampler)
+
+    def __iter__(self):
+        return iter(self.loader)
+
+
+class MemoryTrainLoader:
+    """P x K batches from decoded uint8 images held in memory ([N, 3, H, W], on the training device
+    or in pinned host memory), augmented in batch on the device by `Augment.batch`: no workers, no
+    JPEG decoding after the start, a few kernels per batch. Same interface and the same
+    (seed, epoch, step)-determined randomness as `TrainLoader`."""
+
+    pipeline = "memory"
+
+    def __init__(self, images, labels, sampler, augment, device):
+        self.images, self.sampler, self.augment = images, sampler, augment
+        self.device, self.start_step = torch.device(device), 0
+        self.labels = torch.as_tensor(labels, dtype=torch.int64).to(images.device)
+
+    def set_epoch(self, epoch, start_step=0):
+        self.sampler.set_epoch(epoch)
+        self.start_step = start_step
+
+    def __len__(self):
+        return len(self.sampler)
+
+    def __iter__(self):
+        s = self.sampler
+        offset = s.rank * (s.ids_per_batch // s.world_size) * s.ims_per_id
+        cuda = self.device.type == "cuda"
+        for step, batch in enumerate(s):
+            if step < self.start_step:
+                continue
+            idx = torch.as_tensor(batch, dtype=torch.int64)
+            if cuda:
+                idx = idx.pin_memory()
+            idx = idx.to(self.images.device, non_blocking=True)
+            u8, labels = self.images.index_select(0, idx), self.labels.index_select(0, idx)
+            if u8.device != self.device:  # images in host memory: one copy of the batch
+                u8 = (u8.pin_memory() if cuda else u8).to(self.device, non_blocking=True)
+                labels = labels.to(self.device, non_blocking=True)
+            yield self.augment.batch(u8, s.epoch, step, offset), labels
+
+
+def choose_train_pipeline(requested, device, num_images, size):
+    """'workers' or 'memory' for --train_pipeline `requested` (auto | workers | memory), and where a
+    memory pipeline keeps the images ('device' or 'host'). auto: memory on CUDA (on the device when
+    the decoded set takes at most half of its free memory, else in pinned host memory), workers on
+    the CPU, where batched augmentation gains nothing over workers. Returns (pipeline, store)."""
+    if requested not in ("auto", "workers", "memory"):
+        raise ValueError("train pipeline must be auto, workers or memory, got {!r}".format(requested))
+    device = torch.device(device)
+    if requested == "workers" or (requested == "auto" and device.type != "cuda"):
+        return "workers", None
+    if device.type == "cuda":
+        free, _ = torch.cuda.mem_get_info(device)
+        if training_set_bytes(num_images, size) <= free // 2:
+            return "memory", "device"
+    return "memory", "host"
+
+
+def make_train_loader(im_dir, im_names, ids2labels, ids_per_batch, ims_per_id, augment, workers=2,
+                      seed=0, rank=0, world_size=1, device="cpu", pipeline="workers", store="device"):
+    """The P x K training batches of a split. pipeline 'workers': a `TrainLoader`, batches on the host
+    (pinned on CUDA). pipeline 'memory': a `MemoryTrainLoader`, images decoded once by `workers`
+    processes and kept on `device` (store 'device') or in host memory (store 'host'), batches on
+    `device`. Call `loader.set_epoch(epoch, start_step)` before each epoch."""
+    dataset = TrainSet(im_dir, im_names, ids2labels, augment)
     sampler = PKSampler(dataset.labels, ids_per_batch, ims_per_id, seed=seed, rank=rank,
                         world_size=world_size)
-    loader = DataLoader(dataset, batch_sampler=sampler, num_workers=workers, pin_memory=pin_memory,
-                        generator=torch.Generator())
-    loader.seed = seed
-    set_loader_epoch(loader, 0)
+    device = torch.device(device)
+    if pipeline == "workers":
+        loader = TrainLoader(dataset, sampler, workers=workers, pin_memory=device.type == "cuda")
+    elif pipeline == "memory":
+        if store not in ("device", "host"):
+            raise ValueError("store must be 'device' or 'host', got {!r}".format(store))
+        on_host = store == "host" and device.type == "cuda"
+        images = decode_images([os.path.join(im_dir, n) for n in dataset.im_names], augment.size,
+                               workers=workers, pin_memory=on_host)
+        loader = MemoryTrainLoader(images if on_host else images.to(device), dataset.labels, sampler,
+                                   augment, device)
+    else:
+        raise ValueError("pipeline must be 'workers' or 'memory', got {!r}".format(pipeline))
+    loader.set_epoch(0)
     return loader
 
 
-def set_loader_epoch(loader, epoch):
-    """Make the sampler's order and the workers' augmentation seeds functions of the epoch."""
-    loader.batch_sampler.set_epoch(epoch)
-    rank = loader.batch_sampler.rank
-    loader.generator.manual_seed(int(np.random.default_rng([loader.seed, epoch, rank]).integers(2**62)))
+def set_loader_epoch(loader, epoch, start_step=0):
+    """loader.set_epoch(epoch, start_step): the sampler's order and the augmentation of that epoch."""
+    loader.set_epoch(epoch, start_step)
 
 
 def make_test_loader(im_dir, im_names, marks, transform, batch_size=64, workers=2, pin_memory=False):

@@ -168,14 +168,16 @@ def batch_local_dist(x, y, aligned=True):
     return 2. * _shortest_path_cells_first(grid) - (m + n - 1)
 
 
-def hard_example_mining(dist, labels):
+def hard_example_mining(dist, labels, check=True):
     """Batch-hard mining (Hermans et al., "In Defense of the Triplet Loss").
 
     dist [N, N] pairwise distances, labels [N] identities. For each anchor i returns the
     farthest positive (same label, j != i) and the nearest negative (other label):
     dist_ap [N], dist_an [N] (differentiable w.r.t. dist) and their column indices
-    p_inds [N], n_inds [N]. Works for any number of images per identity; raises ValueError
-    when an anchor has no positive or no negative in the batch."""
+    p_inds [N], n_inds [N]. Works for any number of images per identity. With `check`, raises
+    ValueError when an anchor has no positive or no negative in the batch; the check reads the
+    masks back to the host, so a training loop whose sampler guarantees P >= 2 identities of
+    K >= 2 images passes check=False and stays free of device-to-host synchronisation."""
     N = dist.size(0)
     if dist.shape != (N, N) or labels.shape != (N,):
         raise ValueError(f"hard_example_mining expects dist [N, N] and labels [N], got "
@@ -185,14 +187,16 @@ def hard_example_mining(dist, labels):
     is_neg = ~same
     for mask, kind in ((is_pos, "positive (another image of its identity)"),
                        (is_neg, "negative (an image of another identity)")):
+        if not check:
+            break
         lonely = (~mask.any(1)).nonzero().flatten()
         if len(lonely):
             raise ValueError(f"hard_example_mining: anchor(s) {lonely[:10].tolist()} (labels "
                              f"{labels[lonely[:10]].tolist()}) have no {kind} in the batch; "
                              f"sample at least 2 images of at least 2 identities per batch")
     inf = torch.finfo(dist.dtype).max
-    dist_ap, p_inds = torch.where(is_pos, dist, dist.new_tensor(-inf)).max(1)
-    dist_an, n_inds = torch.where(is_neg, dist, dist.new_tensor(inf)).min(1)
+    dist_ap, p_inds = dist.masked_fill(~is_pos, -inf).max(1)
+    dist_an, n_inds = dist.masked_fill(~is_neg, inf).min(1)
     return dist_ap, dist_an, p_inds, n_inds
 
 
@@ -206,13 +210,14 @@ def triplet_loss(dist_ap, dist_an, margin=0.3):
 
 
 def _triplet_stats(prefix, dist_ap, dist_an, margin):
-    """Statistics logged by the original project, as python floats: precision (d_an > d_ap),
-    margin satisfaction (d_an > d_ap + margin; margin 0 for the soft margin), mean d_ap, d_an."""
+    """Statistics logged by the original project, as detached 0-d tensors on the features'
+    device (read only when logged): precision (d_an > d_ap), margin satisfaction
+    (d_an > d_ap + margin; margin 0 for the soft margin), mean d_ap, d_an."""
     dist_ap, dist_an = dist_ap.detach(), dist_an.detach()
-    return {f"{prefix}_prec": (dist_an > dist_ap).float().mean().item(),
-            f"{prefix}_sm": (dist_an > dist_ap + (margin or 0.)).float().mean().item(),
-            f"{prefix}_dist_ap": dist_ap.mean().item(),
-            f"{prefix}_dist_an": dist_an.mean().item()}
+    return {f"{prefix}_prec": (dist_an > dist_ap).float().mean(),
+            f"{prefix}_sm": (dist_an > dist_ap + (margin or 0.)).float().mean(),
+            f"{prefix}_dist_ap": dist_ap.mean(),
+            f"{prefix}_dist_an": dist_an.mean()}
 
 
 def _at_least_float32(t):
@@ -221,7 +226,7 @@ def _at_least_float32(t):
 
 def compute_losses(outputs, labels, global_margin=0.3, local_margin=0.3, global_loss_weight=1.,
                    local_loss_weight=0., id_loss_weight=0., normalize_feature=False,
-                   local_dist_own_hard_sample=False, label_smoothing=0.):
+                   local_dist_own_hard_sample=False, label_smoothing=0., check_batch=True):
     """The AlignedReID training objective for one batch.
 
     outputs: dict from `Model.forward` ('global' [N, C], 'local' [N, h, c], 'logits' [N, K]);
@@ -232,14 +237,18 @@ def compute_losses(outputs, labels, global_margin=0.3, local_margin=0.3, global_
     label smoothing. Half-precision features and logits are upcast to float32 (call this
     outside torch.autocast, which would cast the distance matmuls down again).
 
+    check_batch: check that every anchor has a positive and a negative (a device-to-host read;
+    see `hard_example_mining`).
+
     Returns a dict: 'loss' (weighted total, tensor), 'global_loss' with the global_* statistics
     (always), 'local_loss' with local_* statistics when local_loss_weight > 0, 'id_loss' and
-    'id_prec' when id_loss_weight > 0. Statistics are python floats."""
+    'id_prec' when id_loss_weight > 0. Statistics are detached 0-d tensors: computing them
+    never waits for the device."""
     g = _at_least_float32(outputs["global"])
     if normalize_feature:
         g = normalize(g, dim=-1)
     g_dist = euclidean_dist(g, g)                                        # [N, N]
-    dist_ap, dist_an, p_inds, n_inds = hard_example_mining(g_dist, labels)
+    dist_ap, dist_an, p_inds, n_inds = hard_example_mining(g_dist, labels, check=check_batch)
     terms = {"global_loss": triplet_loss(dist_ap, dist_an, global_margin)}
     terms.update(_triplet_stats("global", dist_ap, dist_an, global_margin))
     total = global_loss_weight * terms["global_loss"]
@@ -249,10 +258,9 @@ def compute_losses(outputs, labels, global_margin=0.3, local_margin=0.3, global_
         if normalize_feature:
             lf = normalize(lf, dim=-1)
         if local_dist_own_hard_sample:
-            l_ap, l_an, _, _ = hard_example_mining(local_dist(lf, lf), labels)
-        else:
-            l_ap = batch_local_dist(lf, lf[p_inds])
-            l_an = batch_local_dist(lf, lf[n_inds])
+            l_ap, l_an, _, _ = hard_example_mining(local_dist(lf, lf), labels, check=check_batch)
+        else:   # positives and negatives in one call: half the kernels of two
+            l_ap, l_an = batch_local_dist(lf.repeat(2, 1, 1), lf[torch.cat([p_inds, n_inds])]).chunk(2)
         terms["local_loss"] = triplet_loss(l_ap, l_an, local_margin)
         terms.update(_triplet_stats("local", l_ap, l_an, local_margin))
         total = total + local_loss_weight * terms["local_loss"]
@@ -263,7 +271,7 @@ def compute_losses(outputs, labels, global_margin=0.3, local_margin=0.3, global_
                              "the Model with num_classes set")
         logits = _at_least_float32(outputs["logits"])
         terms["id_loss"] = F.cross_entropy(logits, labels, label_smoothing=label_smoothing)
-        terms["id_prec"] = (logits.detach().argmax(1) == labels).float().mean().item()
+        terms["id_prec"] = (logits.detach().argmax(1) == labels).float().mean()
         total = total + id_loss_weight * terms["id_loss"]
 
     terms["loss"] = total

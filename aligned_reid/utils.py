@@ -25,6 +25,17 @@ def set_seed(seed):
         torch.cuda.manual_seed_all(seed)
 
 
+def configure_determinism(deterministic):
+    """deterministic: torch's deterministic algorithms, deterministic cuDNN without autotuning and the
+    cuBLAS workspace setting they need (call before CUDA starts), so that a run, and a resumed run,
+    repeat bit for bit on a GPU too. Otherwise cuDNN autotunes its kernels for the fixed input size."""
+    if deterministic:
+        os.environ.setdefault('CUBLAS_WORKSPACE_CONFIG', ':4096:8')
+    torch.use_deterministic_algorithms(bool(deterministic))
+    torch.backends.cudnn.deterministic = bool(deterministic)
+    torch.backends.cudnn.benchmark = not deterministic
+
+
 _TRUE = {'true', 'yes', 'y', '1', 't', 'on'}
 _FALSE = {'false', 'no', 'n', '0', 'f', 'off'}
 
@@ -176,10 +187,26 @@ def init_distributed(device='cuda', timeout_minutes=120):
     if not dist.is_initialized():
         backend = 'nccl' if str(device).startswith('cuda') else 'gloo'
         if backend == 'nccl':
+            check_gpu_count(int(os.environ.get('LOCAL_WORLD_SIZE', local_rank + 1)))
             torch.cuda.set_device(local_rank)
         dist.init_process_group(backend=backend, init_method='env://',
                                 timeout=datetime.timedelta(minutes=timeout_minutes))
     return rank, world_size, local_rank
+
+
+def check_gpu_count(processes):
+    """SystemExit with one line when `processes` per machine (torchrun --nproc_per_node) exceed the GPUs
+    this process can see; rank 0 of the machine says why, the others exit quietly."""
+    visible = torch.cuda.device_count() if torch.cuda.is_available() else 0
+    if processes <= visible:
+        return
+    if os.environ.get('LOCAL_RANK', '0') != '0':
+        raise SystemExit(1)
+    seen = ' (CUDA_VISIBLE_DEVICES={})'.format(os.environ['CUDA_VISIBLE_DEVICES']) \
+        if 'CUDA_VISIBLE_DEVICES' in os.environ else ''
+    fix = 'pass --nproc_per_node={} or fewer, or --device cpu'.format(visible) if visible else 'pass --device cpu'
+    raise SystemExit('torchrun started {} processes on this machine, but it sees {} GPU(s){}: {}'.format(
+        processes, visible, seen, fix))
 
 
 def is_dist():

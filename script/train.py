@@ -15,6 +15,7 @@ from torch.nn.parallel import DistributedDataParallel
 from tqdm import tqdm
 
 from aligned_reid import data, utils
+from aligned_reid.augment import Augment
 from aligned_reid.utils import boolean
 from aligned_reid.loss import compute_losses
 from aligned_reid.model import Model
@@ -29,7 +30,7 @@ SCALAR_GROUPS = {
     'global_dist': {'global_dist_ap': 'global_dist_ap', 'global_dist_an': 'global_dist_an'},
     'local_dist': {'local_dist_ap': 'local_dist_ap', 'local_dist_an': 'local_dist_an'},
     'lr': {'lr': 'lr'},
-    'speed': {'images_per_s': 'images_per_s'},
+    'speed': {'images_per_s': 'images_per_s', 'data_wait_share': 'data_wait', 'first_batch_s': 'first_batch_s'},
 }
 
 
@@ -54,7 +55,15 @@ def build_parser():
     d.add_argument('--crop_ratio', type=float, default=1., help='side ratio of the random crop. Default: 1')
     d.add_argument('--random_erasing', type=float, default=0.,
                    help='probability of random erasing. Default: 0')
-    d.add_argument('--workers', type=int, default=4, help='data loader worker processes. Default: 4')
+    d.add_argument('--workers', type=int, default=4,
+                   help='data loader worker processes (they live across epochs; with --train_pipeline memory '
+                        'they only decode the set once). Default: 4')
+    d.add_argument('--train_pipeline', choices=('auto', 'workers', 'memory'), default='auto',
+                   help='workers: loader workers decode and augment every image every epoch; memory: the training '
+                        'images are decoded once, kept as uint8 (on the GPU when they fit in half its free memory, '
+                        'else in pinned host memory) and augmented in batch on the device; auto: memory on CUDA, '
+                        'workers on the CPU. Augmentation randomness is the same function of (seed, epoch, step, '
+                        'slot) in both. Default: auto')
 
     m = p.add_argument_group('model')
     m.add_argument('--base_model', choices=BASE_MODELS, default='resnet50', help='backbone. Default: resnet50')
@@ -109,6 +118,9 @@ def build_parser():
                    help='experiment folder (checkpoint, log, tensorboard, args, metrics). '
                         'Default: exp/train/<train_dataset> under the current folder')
     r.add_argument('--seed', type=int, default=1, help='random seed. Default: 1')
+    r.add_argument('--deterministic', type=boolean, default=False,
+                   help='deterministic algorithms and cuDNN settings (true/false), so that resuming on a GPU is '
+                        'exact too; slower on CUDA (no cuDNN autotuning, deterministic kernels). Default: false')
     r.add_argument('--device', default=None,
                    help="'cpu', 'cuda' or 'cuda:N'. Default: cuda when available, else cpu")
     r.add_argument('--epochs_per_test', type=int, default=0,
@@ -281,44 +293,99 @@ def loss_kwargs(args):
     return dict(global_margin=args.global_margin, local_margin=args.local_margin,
                 global_loss_weight=args.global_loss_weight, local_loss_weight=args.local_loss_weight,
                 id_loss_weight=args.id_loss_weight, normalize_feature=args.normalize_feature,
-                local_dist_own_hard_sample=args.local_dist_own_hard_sample, label_smoothing=args.label_smoothing)
+                local_dist_own_hard_sample=args.local_dist_own_hard_sample, label_smoothing=args.label_smoothing,
+                check_batch=False)  # the P x K sampler (P, K >= 2) gives every anchor a positive and a negative
 
 
-def _remaining_batches(loader, start_step):
-    """The same epoch's loader, minus its first `start_step` batches (resuming mid-epoch)."""
-    if start_step == 0:
-        return loader
-    batches = list(loader.batch_sampler)[start_step:]
-    return torch.utils.data.DataLoader(loader.dataset, batch_sampler=batches, num_workers=loader.num_workers,
-                                       pin_memory=loader.pin_memory, generator=loader.generator)
+class DeviceStats:
+    """Per-step scalars of a loss dict summed on the device, read only when asked (log time, epoch end).
+    The loss terms (keys ending in 'loss') come first; `add` returns them as one tensor [T] for the
+    step's single read."""
+
+    def __init__(self):
+        self.keys, self.terms, self.sum, self.n = None, None, None, 0
+
+    def add(self, result):
+        if self.keys is None:
+            scalars = [k for k, v in result.items() if torch.is_tensor(v) and v.numel() == 1]
+            self.terms = [k for k in scalars if k.endswith('loss')]
+            self.keys = self.terms + sorted(k for k in scalars if k not in self.terms)
+        vec = torch.stack([result[k].detach().float().reshape(()) for k in self.keys])
+        self.sum = vec if self.sum is None else self.sum + vec
+        self.n += 1
+        return vec[:len(self.terms)]
+
+    def means(self):
+        if not self.n:
+            return {}
+        return {k: v / self.n for k, v in zip(self.keys, self.sum.tolist())}
 
 
-def _scalar(v):
-    return float(v.detach()) if torch.is_tensor(v) else float(v)
-
-
-def _sync_flags(nonfinite, stop, device):
-    """Any rank's non-finite loss or stop request, seen by all ranks (one all_reduce per step)."""
+def read_step(terms, stop, device):
+    """The one device-to-host read of a training step: the loss terms [T] of this rank, and whether any
+    rank has a non-finite term or a stop request. Returns (values, any non-finite, stop now)."""
+    requested = stop is not None and stop.requested
     if not utils.is_dist():
-        return nonfinite, stop
-    t = torch.tensor([float(nonfinite), float(stop)], device=device)
-    torch.distributed.all_reduce(t)
-    return bool(t[0].item()), bool(t[1].item())
+        values = terms.tolist()
+        return values, not all(math.isfinite(v) for v in values), requested
+    flags = torch.stack([(~torch.isfinite(terms)).any().float(),
+                         torch.tensor(float(requested)).to(device)])
+    torch.distributed.all_reduce(flags)
+    out = torch.cat([terms, flags]).tolist()
+    return out[:-2], out[-2] > 0, out[-1] > 0
+
+
+def non_finite_message(names, values, epoch, step, total):
+    bad = [(k, v) for k, v in zip(names, values) if not math.isfinite(v)]
+    what = '{} = {}'.format(*bad[0]) if bad else 'a loss term on another rank'
+    return 'non-finite loss: {} at epoch {} step {}/{}'.format(what, epoch, step, total)
+
+
+class EpochTimer:
+    """Wall time of an epoch, the share of it spent waiting for the next batch, and the latency of the
+    first batch (the time a restarted loader would add at every epoch)."""
+
+    def __init__(self):
+        self.start = time.perf_counter()
+        self.wait, self.first = 0., None
+
+    def batches(self, iterable):
+        it = iter(iterable)
+        while True:
+            t = time.perf_counter()
+            try:
+                batch = next(it)
+            except StopIteration:
+                return
+            now = time.perf_counter()
+            self.wait += now - t
+            if self.first is None:
+                self.first = now - self.start
+            yield batch
+
+    def stats(self):
+        seconds = time.perf_counter() - self.start
+        return seconds, {'data_wait': self.wait / max(seconds, 1e-9), 'first_batch_s': self.first or 0.}
 
 
 def train_one_epoch(model, loader, optimizer, scaler, device, epoch, losses, amp_dtype=None, start_step=0,
                     stop=None, channels_last=False, logger=None, steps_per_log=0, compute=None):
-    """One pass over the P x K loader. Returns (mean statistics, images seen on all ranks, steps done,
-    stopped early). Raises NonFiniteLoss naming the term, epoch and step before any update with it."""
+    """One pass over the P x K loader from `start_step`. Returns (mean statistics, images seen on all ranks,
+    steps done, stopped early, seconds).
+
+    Statistics stay on the device. The step's one device-to-host read (`read_step`: the loss terms plus
+    the non-finite and stop flags of all ranks) comes after backward and before optimizer.step, so a
+    non-finite loss raises NonFiniteLoss naming the term, epoch and step before any update uses it."""
     compute = compute or compute_losses
     model.train()
-    sums, n_steps, n_images = {}, 0, 0
     world = utils.get_world_size()
     total = len(loader)
-    bar = tqdm(_remaining_batches(loader, start_step), total=total, initial=start_step,
-               desc='epoch {}'.format(epoch), disable=not utils.is_main(), leave=False, dynamic_ncols=True)
-    stopped, step = False, start_step
-    for step, (images, labels) in enumerate(bar, start=start_step + 1):
+    loader.set_epoch(epoch, start_step)
+    timer, stats = EpochTimer(), DeviceStats()
+    n_images, stopped, step = 0, False, start_step
+    bar = tqdm(total=total, initial=start_step, desc='epoch {}'.format(epoch), disable=not utils.is_main(),
+               leave=False, dynamic_ncols=True)
+    for step, (images, labels) in enumerate(timer.batches(loader), start=start_step + 1):
         images, labels = images.to(device, non_blocking=True), labels.to(device, non_blocking=True)
         if channels_last:
             images = images.contiguous(memory_format=torch.channels_last)
@@ -326,36 +393,30 @@ def train_one_epoch(model, loader, optimizer, scaler, device, epoch, losses, amp
             outputs = model(images)
         outputs = {k: v.float() for k, v in outputs.items()}
         result = compute(outputs, labels, **losses)
-        terms = {k: _scalar(result[k]) for k in ('loss',) + LOSS_TERMS if k in result}
-        bad = [k for k in LOSS_TERMS + ('loss',) if k in terms and not math.isfinite(terms[k])]
-        any_bad, stop_now = _sync_flags(bool(bad), stop is not None and stop.requested, device)
-        if any_bad:
-            what = '{} = {}'.format(bad[0], terms[bad[0]]) if bad else 'a loss term on another rank'
-            raise NonFiniteLoss('non-finite loss: {} at epoch {} step {}/{}'.format(what, epoch, step, total))
         optimizer.zero_grad(set_to_none=True)
+        (scaler.scale(result['loss']) if scaler is not None else result['loss']).backward()
+        values, any_bad, stop_now = read_step(stats.add(result), stop, device)
+        if any_bad:
+            raise NonFiniteLoss(non_finite_message(stats.terms, values, epoch, step, total))
         if scaler is not None:
-            scaler.scale(result['loss']).backward()
             scaler.step(optimizer)
             scaler.update()
         else:
-            result['loss'].backward()
             optimizer.step()
-        for k, v in result.items():
-            if isinstance(v, (int, float)) or (torch.is_tensor(v) and v.numel() == 1):
-                sums[k] = sums.get(k, 0.) + _scalar(v)
-        n_steps += 1
         n_images += images.shape[0] * world
-        if utils.is_main():
-            bar.set_postfix(loss='{:.4f}'.format(terms['loss']))
+        bar.update()
+        bar.set_postfix(loss='{:.4f}'.format(values[stats.terms.index('loss')]), refresh=False)
         if steps_per_log and step % steps_per_log == 0 and logger is not None:
             logger.info('epoch %d step %d/%d  %s', epoch, step, total,
-                        '  '.join('{} {:.4f}'.format(k, v / n_steps) for k, v in sorted(sums.items())))
+                        '  '.join('{} {:.4f}'.format(k, v) for k, v in sorted(stats.means().items())))
         if stop_now:
             stopped = True
             break
     bar.close()
-    means = {k: v / max(n_steps, 1) for k, v in sums.items()}
-    return utils.reduce_mean_scalars(means), n_images, step, stopped
+    seconds, timing = timer.stats()
+    means = utils.reduce_mean_scalars(stats.means())
+    means.update(timing)
+    return means, n_images, step, stopped, seconds
 
 
 def evaluate(model, partitions, im_dir, split, args, device, distances=('global',), re_rank=False, amp=False):
@@ -438,6 +499,7 @@ def save(path, model, optimizer, scaler, epoch, step_in_epoch, best, args):
 def setup_run(args):
     """Distributed set-up, the experiment folder, logging, the saved arguments and the seed.
     Returns (rank, world size, device, logger)."""
+    utils.configure_determinism(args.deterministic)
     rank, world, local_rank = utils.init_distributed(args.device)
     device = torch.device('cuda', local_rank) if args.device == 'cuda' and world > 1 else torch.device(args.device)
     if rank == 0:
@@ -453,20 +515,31 @@ def setup_run(args):
 
 
 def build_train_data(args, rank, world, device, logger):
-    """The training split's P x K loader for this rank. Returns (partitions, images folder, loader,
-    number of identities)."""
+    """The training split's P x K batches for this rank, through the --train_pipeline the flags and the
+    device select. Returns (partitions, images folder, loader, number of identities)."""
     partitions = data.read_partitions(args.train_partitions)
     im_dir = data.partitions_images_dir(args.train_partitions)
     part = args.trainset_part
-    train_tf = data.build_transform(tuple(args.resize_h_w), train=True, crop_prob=args.crop_prob,
-                                    crop_ratio=args.crop_ratio, random_erasing=args.random_erasing)
-    loader = data.make_train_loader(im_dir, partitions[part + '_im_names'], partitions[part + '_ids2labels'],
-                                    args.ids_per_batch, args.ims_per_id, train_tf, workers=args.workers,
-                                    seed=args.seed, rank=rank, world_size=world, pin_memory=device.type == 'cuda')
+    names = partitions[part + '_im_names']
+    augment = Augment(tuple(args.resize_h_w), crop_prob=args.crop_prob, crop_ratio=args.crop_ratio,
+                      random_erasing=args.random_erasing, seed=args.seed)
+    pipeline, store = data.choose_train_pipeline(args.train_pipeline, device, len(names), args.resize_h_w)
+    t0 = time.perf_counter()
+    loader = data.make_train_loader(im_dir, names, partitions[part + '_ids2labels'], args.ids_per_batch,
+                                    args.ims_per_id, augment, workers=args.workers, seed=args.seed, rank=rank,
+                                    world_size=world, device=device, pipeline=pipeline, store=store)
     num_classes = len(partitions[part + '_ids2labels'])
     logger.info('train set: %s %s, %d identities, %d images, %d steps of %d x %d per epoch on %d process(es)',
-                args.train_dataset, part, num_classes, len(partitions[part + '_im_names']), len(loader),
-                args.ids_per_batch, args.ims_per_id, world)
+                args.train_dataset, part, num_classes, len(names), len(loader), args.ids_per_batch,
+                args.ims_per_id, world)
+    if pipeline == 'memory':
+        logger.info('input pipeline: memory (%.2f GB of uint8 images decoded in %.1f s, kept %s; augmented in '
+                    'batch on %s)', data.training_set_bytes(len(names), args.resize_h_w) / 1e9,
+                    time.perf_counter() - t0, 'on ' + str(device) if store == 'device' or device.type != 'cuda'
+                    else 'in pinned host memory', device)
+    else:
+        logger.info('input pipeline: %d persistent loader worker(s)%s', args.workers,
+                    '' if args.workers else ' (0: decoding in the training process)')
     return partitions, im_dir, loader, num_classes
 
 
@@ -549,10 +622,8 @@ def main(args, compute=None):
     for epoch in range(start_epoch + 1, args.total_epochs + 1):
         lr = epoch_lr(args, epoch)
         utils.set_lr(optimizer, lr)
-        data.set_loader_epoch(loader, epoch)
-        t0 = time.time()
         try:
-            stats, n_images, step, stopped = train_one_epoch(
+            stats, n_images, step, stopped, seconds = train_one_epoch(
                 model, loader, optimizer, scaler, device, epoch, losses, amp_dtype=amp_dtype,
                 start_step=start_step if epoch == start_epoch + 1 else 0, stop=stop,
                 channels_last=channels_last, logger=logger, steps_per_log=args.steps_per_log, compute=compute)
@@ -560,7 +631,6 @@ def main(args, compute=None):
             logger.error('%s; stopping. The last good checkpoint is kept: %s', e, ckpt_path)
             shutdown(stop, writer)
             raise SystemExit('train.py: {}'.format(e))
-        seconds = time.time() - t0
         stats.update(lr=lr, images_per_s=n_images / max(seconds, 1e-9))
         if stopped and step < len(loader):
             save(ckpt_path, model, optimizer, scaler, epoch - 1, step, best, args)
@@ -568,10 +638,10 @@ def main(args, compute=None):
                         '--resume true', stop.signum, epoch, step, len(loader), ckpt_path)
             shutdown(stop, writer)
             raise SystemExit(128 + (stop.signum or 0))
-        logger.info('epoch %d/%d  lr %.3g  %.1f images/s  %.1f s  %s', epoch, args.total_epochs, lr,
-                    stats['images_per_s'], seconds,
-                    '  '.join('{} {:.4f}'.format(k, v) for k, v in sorted(stats.items())
-                              if k not in ('lr', 'images_per_s')))
+        logger.info('epoch %d/%d  lr %.3g  %.1f images/s  %.1f s  data wait %.1f%%  first batch %.2f s  %s', epoch,
+                    args.total_epochs, lr, stats['images_per_s'], seconds, 100 * stats['data_wait'],
+                    stats['first_batch_s'], '  '.join('{} {:.4f}'.format(k, v) for k, v in sorted(stats.items())
+                                                      if k not in ('lr', 'images_per_s', 'data_wait', 'first_batch_s')))
         write_scalars(writer, stats, epoch)
         if args.epochs_per_test and epoch % args.epochs_per_test == 0 and epoch < args.total_epochs:
             if main_proc:

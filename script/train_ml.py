@@ -3,14 +3,13 @@ together on the same P x K batches, each pulled towards the other's class probab
 Flags as script/train.py, plus the mutual-loss weights -pmlw, -gdmlw, -ldmlw."""
 import os
 import sys
-import time
 
 import torch
 from torch.nn.parallel import DistributedDataParallel
 from tqdm import tqdm
 
 import train as single  # script/train.py, beside this file
-from aligned_reid import data, utils
+from aligned_reid import utils
 from aligned_reid.loss import compute_losses, mutual_losses
 
 NUM_MODELS = 2
@@ -51,17 +50,20 @@ def parse_args(argv=None):
 def train_one_epoch(models, loader, optimizers, scalers, device, epoch, losses, mutual, amp_dtype=None,
                     start_step=0, stop=None, channels_last=False):
     """One pass of both models over the same batches. Model i minimises its own AlignedReID losses plus
-    the mutual losses against the other model's (detached) outputs. Returns (mean statistics with 'm1_' /
-    'm2_' prefixes, images seen on all ranks, steps done, stopped early)."""
+    the mutual losses against the other model's (detached) outputs. Statistics stay on the device; the
+    step's one read (train.read_step) comes before the updates, so a non-finite loss stops the run first.
+    Returns (mean statistics with 'm1_' / 'm2_' prefixes, images seen on all ranks, steps done, stopped
+    early, seconds)."""
     for m in models:
         m.train()
-    sums, n_steps, n_images = {}, 0, 0
     total = len(loader)
-    bar = tqdm(single._remaining_batches(loader, start_step), total=total, initial=start_step,
-               desc='epoch {}'.format(epoch), disable=not utils.is_main(), leave=False, dynamic_ncols=True)
-    stopped, step = False, start_step
-    for step, (images, labels) in enumerate(bar, start=start_step + 1):
-        images, labels = images.to(device), labels.to(device)
+    loader.set_epoch(epoch, start_step)
+    timer, stats = single.EpochTimer(), single.DeviceStats()
+    n_images, stopped, step = 0, False, start_step
+    bar = tqdm(total=total, initial=start_step, desc='epoch {}'.format(epoch), disable=not utils.is_main(),
+               leave=False, dynamic_ncols=True)
+    for step, (images, labels) in enumerate(timer.batches(loader), start=start_step + 1):
+        images, labels = images.to(device, non_blocking=True), labels.to(device, non_blocking=True)
         if channels_last:
             images = images.contiguous(memory_format=torch.channels_last)
         outputs = []
@@ -69,48 +71,39 @@ def train_one_epoch(models, loader, optimizers, scalers, device, epoch, losses, 
             with torch.autocast(device_type=device.type, dtype=amp_dtype or torch.float32,
                                 enabled=amp_dtype is not None):
                 outputs.append({k: v.float() for k, v in m(images).items()})
-        results, bad = [], []
+        results = {}
         for i, out in enumerate(outputs):
             own = compute_losses(out, labels, **losses)
             ml = mutual_losses(out, outputs[1 - i], labels, normalize_feature=losses['normalize_feature'], **mutual)
             r = dict(own, **{k: v for k, v in ml.items() if k != 'loss'})
             r['own_loss'], r['mutual_loss'], r['loss'] = own['loss'], ml['loss'], own['loss'] + ml['loss']
-            results.append(r)
-            bad += ['model {} {}'.format(i + 1, k) for k, v in r.items()
-                    if k.endswith('loss') and not torch.isfinite(torch.as_tensor(single._scalar(v)))]
-        any_bad, stop_now = single._sync_flags(bool(bad), stop is not None and stop.requested, device)
-        if any_bad:
-            raise single.NonFiniteLoss('non-finite loss: {} at epoch {} step {}/{}'.format(
-                bad[0] if bad else 'a loss term on another rank', epoch, step, total))
+            results.update({'m{}_{}'.format(i + 1, k): v for k, v in r.items()})
         for opt in optimizers:
             opt.zero_grad(set_to_none=True)
-        for r, opt, scaler in zip(results, optimizers, scalers):
-            if scaler is not None:
-                scaler.scale(r['loss']).backward()
-            else:
-                r['loss'].backward()
+        for i, scaler in enumerate(scalers):
+            loss = results['m{}_loss'.format(i + 1)]
+            (scaler.scale(loss) if scaler is not None else loss).backward()
+        values, any_bad, stop_now = single.read_step(stats.add(results), stop, device)
+        if any_bad:
+            raise single.NonFiniteLoss(single.non_finite_message(stats.terms, values, epoch, step, total))
         for opt, scaler in zip(optimizers, scalers):
             if scaler is not None:
                 scaler.step(opt)
                 scaler.update()
             else:
                 opt.step()
-        for i, r in enumerate(results):
-            for k, v in r.items():
-                if isinstance(v, (int, float)) or (torch.is_tensor(v) and v.numel() == 1):
-                    key = 'm{}_{}'.format(i + 1, k)
-                    sums[key] = sums.get(key, 0.) + single._scalar(v)
-        n_steps += 1
         n_images += images.shape[0] * utils.get_world_size()
-        if utils.is_main():
-            bar.set_postfix(loss1='{:.4f}'.format(sums['m1_loss'] / n_steps),
-                            loss2='{:.4f}'.format(sums['m2_loss'] / n_steps))
+        bar.update()
+        bar.set_postfix(loss1='{:.4f}'.format(values[stats.terms.index('m1_loss')]),
+                        loss2='{:.4f}'.format(values[stats.terms.index('m2_loss')]), refresh=False)
         if stop_now:
             stopped = True
             break
     bar.close()
-    means = {k: v / max(n_steps, 1) for k, v in sums.items()}
-    return utils.reduce_mean_scalars(means), n_images, step, stopped
+    seconds, timing = timer.stats()
+    means = utils.reduce_mean_scalars(stats.means())
+    means.update(timing)
+    return means, n_images, step, stopped, seconds
 
 
 def save(path, models, optimizers, scalers, epoch, step_in_epoch, args):
@@ -176,17 +169,14 @@ def main(args):
             lr = single.epoch_lr(args, epoch)
             for o in optimizers:
                 utils.set_lr(o, lr)
-            data.set_loader_epoch(loader, epoch)
-            t0 = time.time()
             try:
-                stats, n_images, step, stopped = train_one_epoch(
+                stats, n_images, step, stopped, seconds = train_one_epoch(
                     models, loader, optimizers, scalers, device, epoch, losses, mutual, amp_dtype=amp_dtype,
                     start_step=start_step if epoch == start_epoch + 1 else 0, stop=stop, channels_last=channels_last)
             except single.NonFiniteLoss as e:
                 logger.error('%s; stopping. The last good checkpoint is kept: %s', e, ckpt_path)
                 single.shutdown(stop, writer)
                 raise SystemExit('train_ml.py: {}'.format(e))
-            seconds = time.time() - t0
             stats.update(lr=lr, images_per_s=n_images / max(seconds, 1e-9))
             if stopped and step < len(loader):
                 save(ckpt_path, models, optimizers, scalers, epoch - 1, step, args)

@@ -242,8 +242,8 @@ def test_compute_losses_terms_weights_and_statistics():
     only_global = compute_losses(out, labels)
     assert set(only_global) == {"loss", "global_loss", "global_prec", "global_sm",
                                 "global_dist_ap", "global_dist_an"}
-    assert all(isinstance(only_global[k], float) for k in only_global if "_loss" not in k
-               and k != "loss")
+    stats = [only_global[k] for k in only_global if "_loss" not in k and k != "loss"]
+    assert all(torch.is_tensor(v) and v.dim() == 0 and not v.requires_grad for v in stats)
     res = compute_losses(out, labels, global_margin=0.5, local_margin=0.2,
                          global_loss_weight=0.5, local_loss_weight=2., id_loss_weight=3.,
                          label_smoothing=0.1)
@@ -253,22 +253,22 @@ def test_compute_losses_terms_weights_and_statistics():
     dist = euclidean_dist(out["global"], out["global"])
     ap, an, pi, ni = loop_mining(dist, labels)
     ap, an = torch.tensor(ap), torch.tensor(an)
-    assert res["global_prec"] == pytest.approx((an > ap).double().mean().item())
-    assert res["global_sm"] == pytest.approx((an > ap + 0.5).double().mean().item())
-    assert res["global_dist_ap"] == pytest.approx(ap.mean().item())
+    assert float(res["global_prec"]) == pytest.approx((an > ap).double().mean().item())
+    assert float(res["global_sm"]) == pytest.approx((an > ap + 0.5).double().mean().item())
+    assert float(res["global_dist_ap"]) == pytest.approx(ap.mean().item())
     # Local loss on the globally mined pairs, by brute force.
     lf = out["local"]
     l_ap = torch.tensor([brute_pair_dist(lf[i], lf[pi[i]]) for i in range(7)])
     l_an = torch.tensor([brute_pair_dist(lf[i], lf[ni[i]]) for i in range(7)])
     assert res["local_loss"].item() == pytest.approx(
         torch.relu(l_ap - l_an + 0.2).mean().item(), abs=1e-9)
-    assert res["local_dist_ap"] == pytest.approx(l_ap.mean().item())
+    assert float(res["local_dist_ap"]) == pytest.approx(l_ap.mean().item())
     # Own mining uses the full local distance matrix.
     own = compute_losses(out, labels, local_loss_weight=1., local_dist_own_hard_sample=True)
     full = torch.tensor([[brute_pair_dist(a, b) for b in lf] for a in lf])
     o_ap, o_an, _, _ = loop_mining(full, labels)
-    assert own["local_dist_an"] == pytest.approx(sum(o_an) / 7)
-    assert own["local_dist_ap"] == pytest.approx(sum(o_ap) / 7)
+    assert float(own["local_dist_an"]) == pytest.approx(sum(o_an) / 7)
+    assert float(own["local_dist_ap"]) == pytest.approx(sum(o_ap) / 7)
     with pytest.raises(ValueError, match="num_classes"):
         compute_losses({"global": out["global"], "local": lf}, labels, id_loss_weight=1.)
 

@@ -23,7 +23,7 @@ SCRIPT = REPO / 'script'
 # default --pretrained true stays: the ImageNet weights come from the torch hub cache of `world`.
 SMALL = ' --base_model resnet18 --resize_h_w 64 32 --total_epochs 1 --ids_per_batch 4 --workers 0'
 TINY = ['--base_model', 'resnet18', '--resize_h_w', '64', '32', '--ids_per_batch', '4', '--ims_per_id', '2',
-        '--pretrained', 'false', '--workers', '0', '--seed', '3']
+        '--pretrained', 'false', '--workers', '0', '--seed', '3', '--device', 'cpu']
 
 # The original README's commands, exactly as written there (the resume command's missing backslash included).
 README_TRAIN = r"""cd AlignedReID/script
@@ -213,18 +213,24 @@ def _weights(path):
     return torch.load(str(path), map_location='cpu', weights_only=False)['model']
 
 
-def test_resume_is_exact(world, tmp_path):
+@pytest.mark.parametrize('pipeline', ['workers', 'memory'])
+def test_resume_is_exact(world, tmp_path, pipeline):
+    """On the CPU: a run stopped at an epoch boundary or by SIGTERM mid-epoch and resumed, with other worker
+    counts than the uninterrupted run, ends with bit-identical weights and metrics."""
     before = signal.getsignal(signal.SIGTERM)
-    common = ['--train_partitons', world['market'], '--to_re_rank', 'false', '-llw', '1'] + TINY
+    common = ['--train_partitons', world['market'], '--to_re_rank', 'false', '-llw', '1', '--crop_prob', '0.5',
+              '--crop_ratio', '0.8', '--random_erasing', '0.5', '--train_pipeline', pipeline] + TINY
+    workers = lambda n: ['--workers', str(n)]
     straight = _train(common + ['--exp_dir', str(tmp_path / 'a'), '--total_epochs', '2'])
     assert len(straight) == 2 * 2  # 10 identities, 4 per batch: 2 steps per epoch
 
-    # stopped after epoch 1, resumed
-    first = _train(common + ['--exp_dir', str(tmp_path / 'b'), '--total_epochs', '1'])
-    rest = _train(common + ['--exp_dir', str(tmp_path / 'b'), '--total_epochs', '2', '--resume', 'true'])
+    # stopped after epoch 1 with two workers, resumed with one
+    first = _train(common + ['--exp_dir', str(tmp_path / 'b'), '--total_epochs', '1'] + workers(2))
+    rest = _train(common + ['--exp_dir', str(tmp_path / 'b'), '--total_epochs', '2', '--resume', 'true'] + workers(1))
     assert first + rest == straight
 
-    # SIGTERM in the middle of epoch 2: the step finishes, the checkpoint is saved, the run exits
+    # SIGTERM in the middle of epoch 2 with two workers: the step finishes, the checkpoint is saved, the run
+    # exits; resumed with one worker
     calls = []
 
     def signalling(outputs, labels, **kw):
@@ -233,11 +239,11 @@ def test_resume_is_exact(world, tmp_path):
             os.kill(os.getpid(), signal.SIGTERM)
         return train_script.compute_losses(outputs, labels, **kw)
     with pytest.raises(SystemExit) as stopped:
-        _train(common + ['--exp_dir', str(tmp_path / 'c'), '--total_epochs', '2'], compute=signalling)
+        _train(common + ['--exp_dir', str(tmp_path / 'c'), '--total_epochs', '2'] + workers(2), compute=signalling)
     assert stopped.value.code == 128 + signal.SIGTERM
     state = torch.load(str(tmp_path / 'c' / 'ckpt.pth'), map_location='cpu', weights_only=False)
     assert (state['epoch'], state['step_in_epoch']) == (1, 1)
-    _train(common + ['--exp_dir', str(tmp_path / 'c'), '--resume', 'true'])
+    _train(common + ['--exp_dir', str(tmp_path / 'c'), '--resume', 'true'] + workers(1))
 
     a = _weights(tmp_path / 'a' / 'ckpt.pth')
     for run in ('b', 'c'):
@@ -246,6 +252,8 @@ def test_resume_is_exact(world, tmp_path):
         assert all(torch.equal(a[k], b[k]) for k in a), run
     assert json.load(open(tmp_path / 'a' / 'metrics.json')) == json.load(open(tmp_path / 'b' / 'metrics.json'))
     assert signal.getsignal(signal.SIGTERM) is before  # the run's handler is removed again
+    assert 'input pipeline: ' + ('memory' if pipeline == 'memory' else '0 persistent') in \
+        open(tmp_path / 'a' / 'train.log').read()
 
 
 def test_two_epochs_then_test_script(world, tmp_path):

@@ -1,0 +1,96 @@
+"""Tests of script/train.py's train_one_epoch on the CPU with a tiny model: one device-to-host read per
+step (statistics stay on the device), and a non-finite loss stops the run before the update that would
+use it."""
+import pytest
+import torch
+import torch.nn as nn
+
+from script_loader import load_script
+
+train_script = load_script('script', 'train')
+READS = ('item', 'tolist', '__float__', '__int__', '__bool__', 'numpy', 'cpu', 'nonzero')
+
+
+class Tiny(nn.Module):
+    """Global [N, 8] and local [N, 4, 8] features from [N, 3, 16, 8] images."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv = nn.Conv2d(3, 8, 3, padding=1)
+
+    def forward(self, x):
+        f = self.conv(x)                                   # [N, 8, 16, 8]
+        return {'global': f.mean((2, 3)), 'local': f.view(len(x), 8, 4, -1).mean(3).transpose(1, 2)}
+
+
+class Batches:
+    """The loader interface train_one_epoch uses: P x K batches of random images."""
+
+    def __init__(self, steps=4, ids=4, per_id=2):
+        self.steps, self.ids, self.per_id = steps, ids, per_id
+
+    def set_epoch(self, epoch, start_step=0):
+        self.epoch, self.start = epoch, start_step
+
+    def __len__(self):
+        return self.steps
+
+    def __iter__(self):
+        g = torch.Generator().manual_seed(self.epoch)
+        for _ in range(self.start, self.steps):
+            yield (torch.randn(self.ids * self.per_id, 3, 16, 8, generator=g),
+                   torch.arange(self.ids).repeat_interleave(self.per_id))
+
+
+LOSSES = dict(global_margin=0.3, local_margin=0.3, global_loss_weight=1., local_loss_weight=1., id_loss_weight=0.,
+              normalize_feature=False, local_dist_own_hard_sample=False, label_smoothing=0., check_batch=False)
+
+
+def test_one_read_per_step(monkeypatch):
+    torch.manual_seed(0)
+    model = Tiny()
+    opt = torch.optim.Adam(model.parameters(), lr=1e-3)
+    counting = [True]
+    reads = []
+    for name in READS:
+        original = getattr(torch.Tensor, name)
+
+        def wrapper(self, *a, _original=original, _name=name, **kw):
+            if counting[0]:
+                reads.append(_name)
+            return _original(self, *a, **kw)
+        monkeypatch.setattr(torch.Tensor, name, wrapper)
+    step = opt.step
+
+    def uncounted_step(*a, **kw):  # the optimizer's own bookkeeping (a CPU step counter) is not ours
+        counting[0] = False
+        try:
+            return step(*a, **kw)
+        finally:
+            counting[0] = True
+    monkeypatch.setattr(opt, 'step', uncounted_step)
+    stats, n_images, steps, stopped, _ = train_script.train_one_epoch(
+        model, Batches(steps=4), opt, None, torch.device('cpu'), 1, LOSSES)
+    assert (steps, stopped, n_images) == (4, False, 32)
+    assert reads == ['tolist'] * 5, reads     # one per step, one for the epoch's means
+    for k in ('loss', 'global_loss', 'local_loss', 'global_prec', 'local_dist_an', 'data_wait', 'first_batch_s'):
+        assert isinstance(stats[k], float), k
+
+
+def test_non_finite_loss_stops_before_the_update():
+    torch.manual_seed(0)
+    model = Tiny()
+    opt = torch.optim.Adam(model.parameters(), lr=1e-2)
+    seen = []
+
+    def poisoned(outputs, labels, **kw):
+        result = train_script.compute_losses(outputs, labels, **kw)
+        seen.append({k: v.detach().clone() for k, v in model.state_dict().items()})
+        if len(seen) == 3:
+            result['local_loss'] = result['local_loss'] * float('inf')
+            result['loss'] = result['loss'] + result['local_loss']
+        return result
+    with pytest.raises(train_script.NonFiniteLoss, match='local_loss = inf at epoch 2 step 3/4'):
+        train_script.train_one_epoch(model, Batches(), opt, None, torch.device('cpu'), 2, LOSSES, compute=poisoned)
+    assert not all(torch.equal(seen[1][k], seen[2][k]) for k in seen[1])   # step 2 did update
+    assert all(torch.equal(v, seen[2][k]) for k, v in model.state_dict().items())   # step 3 did not
