@@ -151,3 +151,23 @@ def test_all_gather_variable_size_two_processes(tmp_path):
     assert np.array_equal(got['ids'], [0, 1, 100, 101, 102, 103, 104])
     assert got['local'].shape == (7, 2, 3)
     assert float(got['mean']) == 0.5
+
+
+def test_torchrun_with_more_processes_than_gpus_says_what_to_pass(monkeypatch):
+    monkeypatch.setattr(torch.cuda, 'is_available', lambda: True)
+    monkeypatch.setattr(torch.cuda, 'device_count', lambda: 1)
+    monkeypatch.setenv('CUDA_VISIBLE_DEVICES', '3')
+    monkeypatch.setenv('LOCAL_RANK', '0')
+    utils.check_gpu_count(1)   # enough
+    with pytest.raises(SystemExit) as e:
+        utils.check_gpu_count(2)
+    assert e.value.code == ('torchrun started 2 processes on this machine, but it sees 1 GPU(s) '
+                            '(CUDA_VISIBLE_DEVICES=3): pass --nproc_per_node=1 or fewer, or --device cpu')
+    monkeypatch.setenv('LOCAL_RANK', '1')   # the other ranks leave quietly
+    with pytest.raises(SystemExit) as e:
+        utils.check_gpu_count(2)
+    assert e.value.code == 1
+    monkeypatch.setattr(torch.cuda, 'is_available', lambda: False)
+    monkeypatch.setenv('LOCAL_RANK', '0')
+    with pytest.raises(SystemExit, match='sees 0 GPU.*pass --device cpu$'):
+        utils.check_gpu_count(1)
