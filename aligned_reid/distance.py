@@ -270,3 +270,24 @@ def pair_dist(x_feats, y_feats, distance='global', normalize=False, metric='eucl
             loc = batch_local_dist(x, y, aligned=True)
         out = loc if out is None else out + loc
     return out.float()
+
+
+def dist_block(x_feats, y_feats, distance='global', normalize=False, metric='euclidean'):
+    """One block of compute_dist kept as a tensor: x_feats [B, ...] x y_feats [N, ...] ->
+    torch.float32 [B, N] on the features' device (the same definitions and formulas; no
+    autograd). For callers that reduce each block on the device, such as a top-k search."""
+    _check_distance(distance, metric)
+    out = None
+    with torch.no_grad():
+        if distance in ('global', 'global_local'):
+            x = _as_tensor(_get(x_feats, 'global', distance))
+            y = _as_tensor(_get(y_feats, 'global', distance)).to(x.device)
+            out = _global_block(x, y, normalize, metric).float()
+        if distance in ('local', 'global_local'):
+            x = _as_tensor(_get(x_feats, 'local', distance))
+            y = _as_tensor(_get(y_feats, 'local', distance)).to(x.device)
+            if normalize:
+                x, y = _normalize(x), _normalize(y)
+            loc = local_dist(x, y, aligned=True).float()
+            out = loc if out is None else out + loc
+    return out

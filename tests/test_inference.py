@@ -1,0 +1,312 @@
+"""FeatureExtractor, script/extract.py (HDF5 output, resume, bad files) and the exact top-k search,
+against references written here: the bare model forward, evaluation.extract_features, brute-force
+rankings."""
+import math
+import os
+
+import h5py
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from aligned_reid import data, evaluation, inference
+from aligned_reid.model import Model
+from aligned_reid.synthetic import make_camera, make_identity, render_image
+from script_loader import load_script
+
+extract_script = load_script('script', 'extract')
+SIZE = (64, 32)
+
+
+@pytest.fixture(scope='module')
+def world(tmp_path_factory, one_torch_thread):
+    """A resnet18 train.py-style checkpoint in an experiment folder, synthetic images (nested
+    folders, prepared names) with three bad files, and a partitions.pkl over the good ones."""
+    root = tmp_path_factory.mktemp('infer')
+    torch.manual_seed(0)
+    model = Model(base='resnet18', local_conv_out_channels=16)
+    with torch.no_grad():                       # non-trivial BN statistics
+        for m in model.modules():
+            if isinstance(m, torch.nn.BatchNorm2d):
+                m.running_mean.uniform_(-0.1, 0.1)
+                m.running_var.uniform_(0.5, 1.5)
+    exp = root / 'exp'
+    exp.mkdir()
+    args = {'base_model': 'resnet18', 'last_stride': 2, 'local_conv_out_channels': 16,
+            'resize_h_w': list(SIZE), 'normalize_feature': False}
+    torch.save({'model': model.state_dict(), 'args': args, 'epoch': 1}, str(exp / 'ckpt.pth'))
+    images = root / 'dataset' / 'images'
+    (images / 'sub' / 'deeper').mkdir(parents=True)
+    names = []
+    rng = np.random.default_rng(0)
+    for k in range(11):
+        pid, cam = 1 + k % 4, 1 + k % 3
+        name = data.make_im_name(pid, cam, k)
+        folder = images if k < 7 else images / 'sub' / ('deeper' if k % 2 else '')
+        render_image(make_identity(0, pid), make_camera(0, cam), rng, im_size=(48, 24)).save(
+            str(folder / name))
+        names.append(os.path.relpath(str(folder / name), str(images)))
+    (images / 'notes.txt').write_text('not an image\n')
+    (images / 'sub' / 'broken.jpg').write_bytes((images / names[0]).read_bytes()[:60])
+    (images / 'sub' / 'empty.png').write_bytes(b'')
+    flat = root / 'flat'
+    flat.mkdir()
+    for n in names:
+        os.link(str(images / n), str(flat / os.path.basename(n)))
+    test_names = sorted(os.path.basename(n) for n in names)
+    parts = {'trainval_im_names': test_names, 'trainval_ids2labels': {1: 0, 2: 1, 3: 2, 4: 3},
+             'test_im_names': test_names, 'test_marks': [k % 2 for k in range(len(names))]}
+    # partitions_images_dir(<dir>/partitions.pkl) is <dir>/images: build that layout
+    prepared = root / 'prepared'
+    prepared.mkdir()
+    os.symlink(str(flat), str(prepared / 'images'))
+    data.write_partitions(parts, str(prepared / 'partitions.pkl'))
+    return {'root': root, 'exp': exp, 'ckpt': exp / 'ckpt.pth', 'images': images, 'model': model.eval(),
+            'good': sorted(str(images / n) for n in names), 'partitions': prepared / 'partitions.pkl',
+            'flat': flat, 'parts': parts}
+
+
+def _reference(model, paths, flip=False):
+    """The bare model on each image alone: resize, normalise, forward (and mirrored forward)."""
+    mean = torch.tensor(data.IMAGENET_MEAN)[:, None, None]
+    std = torch.tensor(data.IMAGENET_STD)[:, None, None]
+    g, loc = [], []
+    for p in paths:
+        im = p if isinstance(p, Image.Image) else Image.open(p).convert('RGB')
+        im = im.convert('RGB').resize((SIZE[1], SIZE[0]), Image.BILINEAR)
+        x = torch.from_numpy(np.asarray(im, dtype=np.float32) / 255.).permute(2, 0, 1)
+        x = ((x - mean) / std)[None]
+        with torch.no_grad():
+            out = model(x)
+            if flip:
+                out2 = model(x.flip(3))
+                out = {k: (out[k] + out2[k]) / 2 for k in ('global', 'local')}
+        g.append(out['global'][0].numpy())
+        loc.append(out['local'][0].numpy())
+    return np.stack(g), np.stack(loc)
+
+
+def test_extractor_on_pil_images_and_paths(world):
+    ext = inference.FeatureExtractor(str(world['exp']), device='cpu', batch_size=4)   # the folder
+    assert ext.path == str(world['ckpt']) and ext.cfg['resize_h_w'] == list(SIZE)
+    assert ext.cfg['size_from_checkpoint'] is True
+    paths = world['good'][:6]
+    ref_g, ref_l = _reference(world['model'], paths)
+    by_path = ext(paths, local=True)
+    assert by_path['global'].shape == (6, 512) and by_path['local'].shape == (6, 2, 16)
+    np.testing.assert_allclose(by_path['global'], ref_g, atol=1e-5)
+    np.testing.assert_allclose(by_path['local'], ref_l, atol=1e-5)
+    pil = [Image.open(p) for p in paths]
+    by_pil = ext(pil)
+    assert set(by_pil) == {'global'}
+    np.testing.assert_allclose(by_pil['global'], ref_g, atol=1e-5)
+    one = ext(paths[2], as_numpy=False)
+    assert torch.is_tensor(one['global']) and one['global'].shape == (1, 512)
+    np.testing.assert_allclose(one['global'].numpy(), ref_g[2:3], atol=1e-5)
+    flipped = inference.FeatureExtractor(str(world['ckpt']), device='cpu', flip=True)(paths, local=True)
+    fg, fl = _reference(world['model'], paths, flip=True)
+    np.testing.assert_allclose(flipped['global'], fg, atol=1e-5)
+    np.testing.assert_allclose(flipped['local'], fl, atol=1e-5)
+    assert ext([])['global'].shape == (0, 512)
+    with pytest.raises(ValueError, match='notes.txt'):
+        ext([paths[0], str(world['images'] / 'notes.txt')])
+    with pytest.raises(FileNotFoundError, match='without ckpt.pth'):
+        inference.FeatureExtractor(str(world['root']))
+
+
+def _run(args, capsys=None):
+    return extract_script.main(extract_script.parse_args(args))
+
+
+def _read(path):
+    with h5py.File(str(path), 'r') as f:
+        out = {k: f[k][:] for k in ('paths', 'global', 'skipped', 'skipped_errors')}
+        if 'local' in f:
+            out['local'] = f['local'][:]
+        out['complete'] = bool(f.attrs['complete'])
+    out['paths'] = [p.decode() for p in out['paths']]
+    out['skipped'] = [p.decode() for p in out['skipped']]
+    return out
+
+
+def test_extract_partitions_equals_extract_features(world, tmp_path):
+    out = tmp_path / 'test.h5'
+    _run(['--model', str(world['ckpt']), '--partitions', str(world['partitions']), '--split', 'test',
+          '--output', str(out), '--local', '--flip', '--device', 'cpu', '--batch_size', '3', '--workers', '0',
+          '--progress', 'false'])
+    got = _read(out)
+    im_dir = data.partitions_images_dir(str(world['partitions']))
+    loader = data.make_test_loader(im_dir, world['parts']['test_im_names'], world['parts']['test_marks'],
+                                   data.build_transform(SIZE, train=False), batch_size=5, workers=0)
+    want = evaluation.extract_features(world['model'], loader, 'cpu', flip=True, progress=False)
+    assert got['paths'] == [os.path.join(im_dir, n) for n in world['parts']['test_im_names']]
+    assert got['complete'] and got['skipped'] == []
+    np.testing.assert_allclose(got['global'], want['global'], atol=1e-5)
+    np.testing.assert_allclose(got['local'], want['local'], atol=1e-5)
+
+
+def test_interrupted_extraction_continues_to_the_same_file(world, tmp_path, capsys):
+    base = ['--model', str(world['exp']), '--images', str(world['images']), '--device', 'cpu', '--local',
+            '--batch_size', '3', '--chunk_size', '2', '--workers', '0', '--progress', 'false']
+    full = tmp_path / 'full.h5'
+    _run(base + ['--output', str(full)])
+    want = _read(full)
+    assert want['complete'] and want['paths'] == world['good']
+    assert sorted(os.path.basename(p) for p in want['skipped']) == ['broken.jpg', 'empty.png', 'notes.txt']
+    assert all(e for e in want['skipped_errors'])
+    assert '3 files skipped' in capsys.readouterr().out
+
+    part = tmp_path / 'part.h5'
+    _run(base + ['--output', str(part), '--max_images', '5'])
+    with h5py.File(str(part), 'r') as f:
+        assert f.attrs['position'] == 5 and not f.attrs['complete']
+        assert f['global'].shape[0] == f.attrs['rows'] < len(world['good'])
+    out = capsys.readouterr().out
+    assert 'rerun the same command to continue' in out
+    # A run killed while writing a chunk leaves rows beyond the committed count: simulate one.
+    with h5py.File(str(part), 'a') as f:
+        rows = int(f.attrs['rows'])
+        for name in ('paths', 'global', 'local'):
+            f[name].resize(rows + 2, axis=0)
+        f['global'][rows:] = 7.
+        f['paths'][rows:] = ['junk', 'junk']
+    _run(base + ['--output', str(part), '--max_images', '4'])
+    assert 'continuing' in capsys.readouterr().out
+    _run(base + ['--output', str(part)])
+    got = _read(part)
+    assert got['complete'] and got['paths'] == want['paths'] and got['skipped'] == want['skipped']
+    # Batches are cut differently after a restart, which changes float rounding, not values.
+    np.testing.assert_allclose(got['global'], want['global'], atol=1e-5)
+    np.testing.assert_allclose(got['local'], want['local'], atol=1e-5)
+    # The uninterrupted file equals the model on each image.
+    ref_g, ref_l = _reference(world['model'], world['good'])
+    np.testing.assert_allclose(want['global'], ref_g, atol=1e-5)
+    np.testing.assert_allclose(want['local'], ref_l, atol=1e-5)
+    # A complete file is left alone; other settings are refused, naming the flag.
+    _run(base + ['--output', str(part)])
+    assert 'is complete' in capsys.readouterr().out
+    with pytest.raises(ValueError, match=r'settings \(flip\).*--overwrite'):
+        _run(base + ['--output', str(part), '--flip'])
+    _run(base + ['--output', str(part), '--flip', '--overwrite'])
+    assert _read(part)['complete']
+
+
+def test_extract_from_a_list_file_and_bad_flags(world, tmp_path, capsys):
+    lst = world['root'] / 'list.txt'
+    rel = [os.path.relpath(p, str(world['root'])) for p in world['good'][:3]]
+    lst.write_text('# three images and a missing one\n' + '\n'.join(rel) + '\nmissing.jpg\n\n')
+    out = tmp_path / 'list.h5'
+    _run(['--model', str(world['ckpt']), '--images', str(lst), '--output', str(out), '--device', 'cpu',
+          '--workers', '0', '--progress', 'false'])
+    got = _read(out)
+    assert got['paths'] == world['good'][:3] and 'local' not in got
+    assert got['skipped'] == [str(world['root'] / 'missing.jpg')]
+    assert 'FileNotFoundError' in got['skipped_errors'][0].decode()
+    feats = inference.read_features(str(out))
+    np.testing.assert_array_equal(feats['global'], got['global'])
+    with pytest.raises(ValueError, match='no local features'):
+        inference.read_features(str(out), local=True)
+    for argv, message in ((['--images', 'nope'], '--images: no such folder or file'),
+                          (['--images', str(lst), '--batch_size', '0'], '--batch_size'),
+                          (['--partitions', 'x.pkl'], '--partitions: file not found')):
+        with pytest.raises(SystemExit):
+            extract_script.parse_args(['--model', str(world['ckpt']), '--output', str(out)] + argv)
+        assert message in capsys.readouterr().err
+
+
+# ----------------------------------------------------------------------------- search
+
+def _brute_global(q, g, normalize=False):
+    if normalize:
+        q = q / np.maximum(np.linalg.norm(q, axis=1, keepdims=True), 1e-12)
+        g = g / np.maximum(np.linalg.norm(g, axis=1, keepdims=True), 1e-12)
+    return np.sqrt(((q[:, None, :].astype(np.float64) - g[None]) ** 2).sum(-1))
+
+
+def _brute_local_pair(a, b):
+    m, n = len(a), len(b)
+    cost = np.empty((m, n))
+    for i in range(m):
+        for j in range(n):
+            d = math.sqrt(((a[i].astype(np.float64) - b[j]) ** 2).sum())
+            cost[i, j] = (math.exp(d) - 1) / (math.exp(d) + 1)
+    acc = np.full((m, n), np.inf)
+    for i in range(m):
+        for j in range(n):
+            prev = 0. if i == j == 0 else min(acc[i - 1, j] if i else np.inf, acc[i, j - 1] if j else np.inf)
+            acc[i, j] = cost[i, j] + prev
+    return acc[-1, -1]
+
+
+def _brute(q, g, distance):
+    out = 0.
+    if distance in ('global', 'global_local'):
+        out = out + _brute_global(q['global'], g['global'])
+    if distance in ('local', 'global_local'):
+        out = out + np.array([[_brute_local_pair(a, b) for b in g['local']] for a in q['local']])
+    return out
+
+
+def test_sort_keys_rank_like_a_stable_argsort():
+    rng = np.random.default_rng(1)
+    vals = rng.choice(np.array([-2.5, -1e-30, -0., 0., 1e-30, 0.5, 0.5, 3., np.inf], dtype=np.float32),
+                      size=(5, 40))
+    idx = torch.arange(40).expand(5, 40)
+    keys = inference._sort_keys(torch.from_numpy(vals), idx)
+    order = torch.topk(keys, 17, dim=1, largest=False).values
+    dist, index = inference._unpack_keys(order)
+    # -0. and 0. are equal: compare against the stable argsort of the values with -0. made 0.
+    want = np.argsort(vals + np.float32(0.), axis=1, kind='stable')[:, :17]
+    np.testing.assert_array_equal(index.numpy(), want)
+    np.testing.assert_array_equal(dist.numpy(), np.take_along_axis(vals, want, 1) + np.float32(0.))
+
+
+@pytest.mark.parametrize('distance', ['global', 'local', 'global_local'])
+def test_topk_search_equals_brute_force_ranking(distance):
+    rng = np.random.default_rng(2)
+    q = {'global': rng.normal(size=(9, 6)).astype(np.float32),
+         'local': rng.normal(size=(9, 3, 4)).astype(np.float32)}
+    g = {'global': rng.normal(size=(23, 6)).astype(np.float32),
+         'local': rng.normal(size=(23, 4, 4)).astype(np.float32)}
+    ref = _brute(q, g, distance)
+    want = np.argsort(ref, axis=1, kind='stable')
+    for k, qb, gb in ((5, 2, 4), (23, 4, 7), (40, None, None), (1, 9, 23)):
+        index, dist = inference.topk_search(q, g, k=k, distance=distance, query_block=qb, gallery_block=gb)
+        kk = min(k, 23)
+        assert index.shape == dist.shape == (9, kk)
+        np.testing.assert_array_equal(index, want[:, :kk])
+        np.testing.assert_allclose(dist, np.take_along_axis(ref, want[:, :kk], 1), rtol=1e-5, atol=1e-5)
+
+
+def test_topk_search_normalized_and_from_hdf5(tmp_path):
+    rng = np.random.default_rng(3)
+    q = {'global': rng.normal(size=(4, 8)).astype(np.float32)}
+    gal = rng.normal(size=(30, 8)).astype(np.float32)
+    path = tmp_path / 'g.h5'
+    with h5py.File(str(path), 'w') as f:
+        f['global'] = gal
+    ref = _brute_global(q['global'], gal, normalize=True)
+    with h5py.File(str(path), 'r') as f:
+        index, dist = inference.topk_search(q, {'global': f['global']}, k=6, normalize=True, gallery_block=8)
+    np.testing.assert_array_equal(index, np.argsort(ref, axis=1, kind='stable')[:, :6])
+    empty = inference.topk_search(q, {'global': gal[:0]}, k=3)
+    assert empty[0].shape == (4, 0)
+
+
+def test_rerank_shortlist_equals_brute_force_on_the_shortlist():
+    rng = np.random.default_rng(4)
+    q = {'global': rng.normal(size=(5, 6)).astype(np.float32),
+         'local': rng.normal(size=(5, 3, 4)).astype(np.float32)}
+    g = {'global': rng.normal(size=(20, 6)).astype(np.float32),
+         'local': rng.normal(size=(20, 3, 4)).astype(np.float32)}
+    short = np.stack([rng.permutation(20)[:8] for _ in range(5)])
+    short[1, 5:] = -1                                  # faiss pads missing candidates with -1
+    ref = _brute(q, g, 'global_local')
+    index, dist = inference.rerank_shortlist(q, g, short, k=6, distance='global_local', pair_block=7)
+    for i in range(5):
+        cand = short[i][short[i] >= 0]
+        order = cand[np.argsort(ref[i, cand], kind='stable')][:6]
+        assert list(index[i][:len(order)]) == list(order)
+        np.testing.assert_allclose(dist[i][:len(order)], ref[i, order], rtol=1e-5, atol=1e-5)
+    assert list(index[1][5:]) == [-1] and np.isinf(dist[1][5])
