@@ -7,6 +7,7 @@ import h5py
 import numpy as np
 import torch
 from PIL import Image
+from torch.utils.data import DataLoader, Dataset
 
 from . import data
 from .checkpoint import load_model
@@ -141,10 +142,83 @@ class FeatureExtractor:
             out = {k: v[:0] for k, v in probe.items()}
         return {k: v.cpu().numpy() for k, v in out.items()} if as_numpy else out
 
+    def extract_files(self, paths, local=False, workers=0, progress=False):
+        """Features of image files decoded by `workers` loader processes; unreadable files are
+        skipped, not fatal. Returns (kept paths, dict 'global' [K, C] / 'local' [K, h, c] numpy,
+        skipped: list of (path, error))."""
+        from tqdm import tqdm
+        h, w = self.cfg['resize_h_w']
+        loader = DataLoader(ImageFiles(list(paths), self.transform, (h, w)),
+                            batch_size=self.batch_size, num_workers=workers,
+                            pin_memory=self.device.type == 'cuda')
+        kept, skipped, parts = [], [], []
+        for images, indices, errors in tqdm(loader, desc='extract', disable=not progress,
+                                            leave=False):
+            good = [j for j, e in enumerate(errors) if not e]
+            for j, e in zip(indices.tolist(), errors):
+                if e:
+                    skipped.append((paths[j], e))
+                else:
+                    kept.append(paths[j])
+            if good:
+                parts.append({k: v.cpu().numpy() for k, v in
+                              self.embed(images[good], local=local).items()})
+        if parts:
+            feats = {k: np.concatenate([p[k] for p in parts]) for k in parts[0]}
+        else:
+            feats = self([], local=local)
+        return kept, feats, skipped
+
+
+# ----------------------------------------------------------------------------- image files
+
+def list_images(images=None, partitions=None, split='test'):
+    """The image paths to extract, in a fixed order: a folder's files (recursively, sorted by
+    relative path, hidden files left out), a text file's lines (blank lines and '#' comments
+    left out), or the split of a partitions.pkl joined to its images/ folder."""
+    if partitions is not None:
+        parts = data.read_partitions(partitions)
+        key = f'{split}_im_names'
+        if key not in parts:
+            raise ValueError('{}: no {} split (keys: {})'.format(partitions, split, ', '.join(sorted(parts))))
+        im_dir = data.partitions_images_dir(partitions)
+        return [os.path.join(im_dir, n) for n in parts[key]]
+    if os.path.isdir(images):
+        found = []
+        for root, dirs, files in os.walk(images):
+            dirs[:] = [d for d in dirs if not d.startswith('.')]
+            found += [os.path.join(root, f) for f in files if not f.startswith('.')]
+        return sorted(found, key=lambda f: os.path.relpath(f, images))
+    base = os.path.dirname(os.path.abspath(images))
+    with open(images, encoding='utf-8') as f:
+        lines = [line.strip() for line in f]
+    return [line if os.path.isabs(line) else os.path.join(base, line)
+            for line in lines if line and not line.startswith('#')]
+
+
+class ImageFiles(Dataset):
+    """(image [3, H, W], index, error message or '') per path; a file that cannot be decoded gives a
+    zero image and its error instead of stopping the loader."""
+
+    def __init__(self, paths, transform, size):
+        self.paths, self.transform, self.size = paths, transform, size
+
+    def __len__(self):
+        return len(self.paths)
+
+    def __getitem__(self, i):
+        try:
+            return self.transform(load_image(self.paths[i])), i, ''
+        # Any decoder failure (truncated file, text file, decompression bomb, odd mode) concerns this
+        # one file only: it is reported, and the extraction goes on.
+        except Exception as e:  # noqa: BLE001
+            return torch.zeros(3, *self.size), i, '{}: {}'.format(type(e).__name__, e)
+
 
 # ----------------------------------------------------------------------------- features files
 
-def _text(values):
+def decode_text(values):
+    """h5py strings (bytes or str) -> list of str."""
     return [v.decode('utf-8') if isinstance(v, bytes) else v for v in values]
 
 
@@ -174,8 +248,8 @@ def read_features(path, local=False):
     with open_features(path) as f:
         if local and 'local' not in f:
             raise ValueError(f"{path}: has no local features (extract with --local)")
-        out = {'paths': _text(f['paths'][:]), 'global': f['global'][:],
-               'settings': json.loads(f.attrs['settings']), 'skipped': _text(f['skipped'][:])}
+        out = {'paths': decode_text(f['paths'][:]), 'global': f['global'][:],
+               'settings': json.loads(f.attrs['settings']), 'skipped': decode_text(f['skipped'][:])}
         if local:
             out['local'] = f['local'][:]
     return out

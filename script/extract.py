@@ -9,11 +9,11 @@ import time
 import h5py
 import numpy as np
 import torch
-from torch.utils.data import DataLoader, Dataset
+from torch.utils.data import DataLoader
 from tqdm import tqdm
 
-from aligned_reid import data, utils
-from aligned_reid.inference import FEATURES_FORMAT as FORMAT, FeatureExtractor, load_image
+from aligned_reid import utils
+from aligned_reid.inference import FEATURES_FORMAT as FORMAT, FeatureExtractor, ImageFiles, list_images
 from aligned_reid.utils import boolean
 
 SPLITS = ('trainval', 'train', 'val', 'test')
@@ -88,51 +88,6 @@ def check_args(parser, args):
 def parse_args(argv=None):
     parser = build_parser()
     return check_args(parser, parser.parse_args(argv))
-
-
-# ----------------------------------------------------------------------------- inputs
-
-def list_images(images=None, partitions=None, split='test'):
-    """The image paths to extract, in a fixed order: a folder's files (recursively, sorted by
-    relative path, hidden files left out), a text file's lines (blank lines and '#' comments
-    left out), or the split of a partitions.pkl joined to its images/ folder."""
-    if partitions is not None:
-        parts = data.read_partitions(partitions)
-        key = '{}_im_names'.format(split)
-        if key not in parts:
-            raise ValueError('{}: no {} split (keys: {})'.format(partitions, split, ', '.join(sorted(parts))))
-        im_dir = data.partitions_images_dir(partitions)
-        return [os.path.join(im_dir, n) for n in parts[key]]
-    if os.path.isdir(images):
-        found = []
-        for root, dirs, files in os.walk(images):
-            dirs[:] = [d for d in dirs if not d.startswith('.')]
-            found += [os.path.join(root, f) for f in files if not f.startswith('.')]
-        return sorted(found, key=lambda f: os.path.relpath(f, images))
-    base = os.path.dirname(os.path.abspath(images))
-    with open(images, encoding='utf-8') as f:
-        lines = [line.strip() for line in f]
-    return [line if os.path.isabs(line) else os.path.join(base, line)
-            for line in lines if line and not line.startswith('#')]
-
-
-class ImageFiles(Dataset):
-    """(image [3, H, W], index, error message or '') per path; a file that cannot be decoded gives a
-    zero image and its error instead of stopping the loader."""
-
-    def __init__(self, paths, transform, size):
-        self.paths, self.transform, self.size = paths, transform, size
-
-    def __len__(self):
-        return len(self.paths)
-
-    def __getitem__(self, i):
-        try:
-            return self.transform(load_image(self.paths[i])), i, ''
-        # Any decoder failure (truncated file, text file, decompression bomb, odd mode) concerns this
-        # one file only: it is reported, and the extraction goes on.
-        except Exception as e:  # noqa: BLE001
-            return torch.zeros(3, *self.size), i, '{}: {}'.format(type(e).__name__, e)
 
 
 # ----------------------------------------------------------------------------- HDF5 output

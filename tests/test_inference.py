@@ -310,3 +310,125 @@ def test_rerank_shortlist_equals_brute_force_on_the_shortlist():
         assert list(index[i][:len(order)]) == list(order)
         np.testing.assert_allclose(dist[i][:len(order)], ref[i, order], rtol=1e-5, atol=1e-5)
     assert list(index[1][5:]) == [-1] and np.isinf(dist[1][5])
+
+
+# ----------------------------------------------------------------------------- script/search.py
+
+search_script = load_script('script', 'search')
+
+
+def _read_csv(path):
+    import csv
+    with open(str(path), newline='') as f:
+        rows = list(csv.DictReader(f))
+    out = {}
+    for r in rows:
+        out.setdefault(r['query'], []).append((int(r['rank']), r['gallery'], float(r['distance'])))
+    return out
+
+
+def test_search_ranks_equal_brute_force(world, tmp_path):
+    good = world['good']
+    queries, gallery = good[:3], good[3:]
+    qlist = tmp_path / 'queries.txt'
+    qlist.write_text('\n'.join(queries) + '\n')
+    gdir = tmp_path / 'gallery'
+    gdir.mkdir()
+    for p in gallery:
+        os.link(p, str(gdir / os.path.basename(p)))
+    (gdir / 'readme.txt').write_text('not an image')
+    g_paths = sorted(str(gdir / os.path.basename(p)) for p in gallery)
+    qg, ql = _reference(world['model'], queries)
+    gg, gl = _reference(world['model'], g_paths)
+    q, g = {'global': qg, 'local': ql}, {'global': gg, 'local': gl}
+    common = ['--model', str(world['exp']), '--device', 'cpu', '--workers', '0', '--top_k', '4']
+    for distance in ('global', 'global_local'):
+        ref = _brute(q, g, distance)
+        want = np.argsort(ref, axis=1, kind='stable')[:, :4]
+        out = tmp_path / f'{distance}.csv'
+        search_script.main(search_script.parse_args(common + [
+            '--query', str(qlist), '--gallery', str(gdir), '--distance', distance, '--output', str(out),
+            '--gallery_block', '3']))
+        got = _read_csv(out)
+        assert list(got) == queries
+        for i, qp in enumerate(queries):
+            assert [r[0] for r in got[qp]] == [1, 2, 3, 4]
+            assert [r[1] for r in got[qp]] == [g_paths[j] for j in want[i]]
+            np.testing.assert_allclose([r[2] for r in got[qp]], ref[i, want[i]], rtol=1e-4, atol=1e-4)
+
+    # The gallery as a features file of extract.py: same ranking, JSON output, pictures.
+    h5 = tmp_path / 'gallery.h5'
+    _run(['--model', str(world['ckpt']), '--images', str(gdir), '--output', str(h5), '--local', '--device', 'cpu',
+          '--workers', '0', '--progress', 'false'])
+    ref = _brute(q, g, 'local')
+    want = np.argsort(ref, axis=1, kind='stable')[:, :4]
+    out = tmp_path / 'local.json'
+    search_script.main(search_script.parse_args(common + [
+        '--query', str(qlist), '--gallery', str(h5), '--distance', 'local', '--output', str(out),
+        '--num_vis_queries', '2']))
+    import json
+    got = json.loads(out.read_text())
+    assert [r['query'] for r in got] == queries
+    for i, r in enumerate(got):
+        assert [x['gallery'] for x in r['results']] == [g_paths[j] for j in want[i]]
+    pics = sorted(os.listdir(str(tmp_path / 'local_ranks')))
+    assert pics == ['query_00000.png', 'query_00001.png']
+    im = Image.open(str(tmp_path / 'local_ranks' / pics[0])).convert('RGB')
+    from aligned_reid import visualize
+    cell_w = 64 + 2 * 4
+    assert im.getpixel((12 + cell_w + 1, 1)) == visualize.NEUTRAL_COLOR      # first gallery frame
+
+    # Re-ranking: the k-reciprocal matrix of the brute-force distances, ranked.
+    from aligned_reid.re_ranking import re_ranking
+    rr = re_ranking(_brute(q, g, 'global'), _brute(q, q, 'global'), _brute(g, g, 'global'), k1=3, k2=2)
+    want = np.argsort(rr, axis=1, kind='stable')[:, :4]
+    out = tmp_path / 'rr.csv'
+    search_script.main(search_script.parse_args(common + [
+        '--query', str(qlist), '--gallery', str(h5), '--re_rank', '--k1', '3', '--k2', '2', '--output', str(out)]))
+    got = _read_csv(out)
+    for i, qp in enumerate(queries):
+        assert [r[1] for r in got[qp]] == [g_paths[j] for j in want[i]]
+
+
+def test_search_with_faiss_shortlist(world, tmp_path):
+    pytest.importorskip('faiss')
+    rng = np.random.default_rng(5)
+    q = rng.normal(size=(6, 16)).astype(np.float32)
+    g = rng.normal(size=(50, 16)).astype(np.float32)
+    g[7] = g[3]                                                      # an exact tie: lower index first
+    paths = {}
+    for name, feats in (('q', q), ('g', g)):
+        paths[name] = tmp_path / f'{name}.h5'
+        with h5py.File(str(paths[name]), 'w') as f:
+            f.create_dataset('paths', data=[f'{name}{i}.jpg' for i in range(len(feats))],
+                             dtype=h5py.string_dtype('utf-8'))
+            f['global'] = feats
+            f.create_dataset('skipped', (0,), dtype=h5py.string_dtype('utf-8'))
+            f.attrs.update({'format': inference.FEATURES_FORMAT, 'complete': True,
+                            'settings': '{"model": "m", "cfg": {"normalize_feature": false, "resize_h_w": [64, 32]}}'})
+    ref = _brute_global(q, g)
+    want = np.argsort(ref, axis=1, kind='stable')[:, :5]
+    for extra in ([], ['--faiss_index', 'Flat', '--shortlist', '50'], ['--faiss_index', 'IVF4,Flat',
+                                                                        '--faiss_nprobe', '4']):
+        out = tmp_path / 'f.csv'
+        search_script.main(search_script.parse_args(['--query', str(paths['q']), '--gallery', str(paths['g']),
+                                                     '--output', str(out), '--top_k', '5', '--device', 'cpu']
+                                                    + extra))
+        got = _read_csv(out)
+        for i in range(6):
+            assert [r[1] for r in got[f'q{i}.jpg']] == [f'g{j}.jpg' for j in want[i]], extra
+
+
+def test_search_bad_flags(world, tmp_path, capsys):
+    for argv, message in (
+            (['--query', 'nope', '--gallery', str(world['images'])], '--query: no such folder or file'),
+            (['--query', str(world['images']), '--gallery', str(world['images'])], '--model is needed'),
+            (['--query', str(world['images']), '--gallery', str(world['images']), '--model', str(world['exp']),
+              '--re_rank', '--faiss_index', 'Flat'], '--re_rank needs the exact distances')):
+        with pytest.raises(SystemExit):
+            search_script.parse_args(argv + ['--output', str(tmp_path / 'o.csv')])
+        assert message in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        search_script.parse_args(['--query', str(world['images']), '--gallery', str(world['images']),
+                                  '--model', str(world['exp']), '--output', 'o.txt'])
+    assert '--output must end in .csv or .json' in capsys.readouterr().err
