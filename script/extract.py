@@ -23,19 +23,19 @@ def build_parser():
     p = argparse.ArgumentParser(description=__doc__)
     p.add_argument('--model', required=True,
                    help='trained model: a checkpoint file (train.py ckpt.pth or a bare state_dict) or an '
-                        'experiment folder holding ckpt.pth. Required')
+                        'experiment folder holding ckpt.pth. Default: none (required)')
     src = p.add_mutually_exclusive_group(required=True)
     src.add_argument('--images', help='a folder of images (searched recursively; every file is tried, '
                                       'unreadable ones are skipped and listed) or a text file with one image '
                                       'path per line (relative paths are relative to the text file). '
-                                      'No default: give it or --partitions')
+                                      'Default: none; give it or --partitions')
     src.add_argument('--partitions', help='a prepared partitions.pkl: extract the images of --split. '
-                                          'No default: give it or --images')
+                                          'Default: none; give it or --images')
     p.add_argument('--split', choices=SPLITS, default='test',
                    help='split of --partitions to extract. Default: test')
     p.add_argument('--output', required=True,
                    help='HDF5 file to write; if it holds an unfinished extraction of the same images and '
-                        'settings, the run continues it. Required')
+                        'settings, the run continues it. Default: none (required)')
     p.add_argument('--overwrite', type=boolean, nargs='?', const=True, default=False,
                    help='start --output afresh instead of continuing or refusing it. Default: false')
     p.add_argument('--local', type=boolean, nargs='?', const=True, default=False,

@@ -21,14 +21,14 @@ def build_parser():
     p = argparse.ArgumentParser(description=__doc__)
     p.add_argument('--query', required=True,
                    help='query images: a folder (recursive), a text file of paths, or a features file (.h5) of '
-                        'extract.py. Required')
+                        'extract.py. Default: none (required)')
     p.add_argument('--gallery', required=True,
                    help='gallery: a folder (recursive), a text file of paths, or a features file (.h5) of '
-                        'extract.py (read in blocks). Required')
+                        'extract.py (read in blocks). Default: none (required)')
     p.add_argument('--model', default=None,
                    help='checkpoint file or experiment folder; needed unless query and gallery are both '
                         'features files. Default: none')
-    p.add_argument('--output', required=True, help='results file: .csv or .json (by its extension). Required')
+    p.add_argument('--output', required=True, help='results file: .csv or .json (by its extension). Default: none (required)')
     p.add_argument('--top_k', type=int, default=10, help='gallery items listed per query. Default: 10')
     p.add_argument('--distance', choices=dist_lib.DISTANCES, default='global',
                    help='global, local (aligned) or global_local (their sum); local ones need local features '

@@ -432,3 +432,37 @@ def test_search_bad_flags(world, tmp_path, capsys):
         search_script.parse_args(['--query', str(world['images']), '--gallery', str(world['images']),
                                   '--model', str(world['exp']), '--output', 'o.txt'])
     assert '--output must end in .csv or .json' in capsys.readouterr().err
+
+
+# ----------------------------------------------------------------------------- script/export_onnx.py
+
+export_script = load_script('script', 'export_onnx')
+
+
+def test_onnx_export_matches_pytorch(world, tmp_path, monkeypatch, capsys):
+    import onnxruntime as ort
+    out = tmp_path / 'net.onnx'
+    path, diff = export_script.main(export_script.parse_args(['--model', str(world['exp']), '--output', str(out)]))
+    assert path == str(out) and diff <= 1e-4
+    assert 'largest difference' in capsys.readouterr().out
+    # The dynamic batch axis: real images, batch sizes other than the export's, against the bare model.
+    session = ort.InferenceSession(str(out), providers=['CPUExecutionProvider'])
+    ext = inference.FeatureExtractor(str(world['ckpt']))
+    for n in (1, 5):
+        images = torch.stack([ext.preprocess(p) for p in world['good'][:n]])
+        g, loc = session.run(['global', 'local'], {'images': images.numpy()})
+        ref_g, ref_l = _reference(world['model'], world['good'][:n])
+        np.testing.assert_allclose(g, ref_g, atol=1e-4)
+        np.testing.assert_allclose(loc, ref_l, atol=1e-4)
+    # A difference above --tolerance fails the run (the file just written is checked again).
+    monkeypatch.setattr(export_script, 'export', lambda model, path, size, opset=18: path)
+    with pytest.raises(SystemExit, match='differs from PyTorch'):
+        export_script.main(export_script.parse_args(['--model', str(world['exp']), '--output', str(out),
+                                                     '--tolerance', '1e-12']))
+
+
+def test_every_flag_states_its_default():
+    for module in (extract_script, search_script, export_script):
+        for action in module.build_parser()._actions:
+            if action.dest != 'help':
+                assert 'Default:' in (action.help or ''), (module.__name__, action.dest)
