@@ -272,6 +272,22 @@ def _unpack_keys(keys):
     return bits.view(torch.float32), keys & 0xFFFFFFFF
 
 
+def _block_topk_keys(d, k, offset):
+    """Sort keys of the k smallest entries of each row of d [b, g] (gallery indices offset +
+    column), ties by index. A float top-(k+1) finds them; only rows whose k-th and (k+1)-th
+    values are equal (a tie across the cut, where topk may pick any of the tied columns) are
+    redone on the keys of the whole row, which is exact but several times slower."""
+    kk = min(k, d.size(1))
+    vals, cols = torch.topk(d, min(kk + 1, d.size(1)), dim=1, largest=False, sorted=True)
+    keys = _sort_keys(vals[:, :kk], cols[:, :kk] + offset)
+    if vals.size(1) > kk:
+        tied = (vals[:, kk] == vals[:, kk - 1]).nonzero().flatten()
+        if len(tied):
+            idx = torch.arange(offset, offset + d.size(1), device=d.device).expand(len(tied), -1)
+            keys[tied] = torch.topk(_sort_keys(d[tied], idx), kk, dim=1, largest=False).values
+    return keys
+
+
 def topk_search(q_feats, g_feats, k=10, distance='global', normalize=False, device=None,
                 query_block=None, gallery_block=None):
     """Exact top-k of a gallery for every query, in bounded memory.
@@ -304,8 +320,7 @@ def topk_search(q_feats, g_feats, k=10, distance='global', normalize=False, devi
             qe = min(Q, qs + query_block)
             qb = {n: torch.as_tensor(np.asarray(q_feats[n][qs:qe])).to(dev) for n in keys_needed}
             d = dist_block(qb, gb, distance=distance, normalize=normalize)      # [b, g]
-            idx = torch.arange(gs, ge, device=dev).expand_as(d)
-            cand = torch.cat([best[qs:qe], _sort_keys(d, idx)], 1)
+            cand = torch.cat([best[qs:qe], _block_topk_keys(d, k, gs)], 1)
             best[qs:qe] = torch.topk(cand, k, dim=1, largest=False, sorted=True).values
     dist, index = _unpack_keys(best)
     return index.cpu().numpy(), dist.cpu().numpy()

@@ -466,3 +466,18 @@ def test_every_flag_states_its_default():
         for action in module.build_parser()._actions:
             if action.dest != 'help':
                 assert 'Default:' in (action.help or ''), (module.__name__, action.dest)
+
+
+def test_topk_search_ties_across_block_cuts_go_to_the_lower_index():
+    # Small integer features: every dot product is exact in float32 whatever the matmul blocking,
+    # so duplicates give bitwise equal distances and the ties are real.
+    rng = np.random.default_rng(6)
+    base = rng.integers(-3, 4, size=(6, 5)).astype(np.float32)
+    g = base[rng.integers(0, 6, size=40)]
+    q = np.concatenate([base[:3], rng.integers(-3, 4, size=(2, 5)).astype(np.float32)])
+    ref = _brute_global(q, g)
+    want = np.argsort(ref, axis=1, kind='stable')
+    for k, gb in ((3, 5), (9, 7), (12, 40), (40, 6)):
+        index, dist = inference.topk_search({'global': q}, {'global': g}, k=k, gallery_block=gb)
+        np.testing.assert_array_equal(index, want[:, :k])
+        np.testing.assert_allclose(dist, np.take_along_axis(ref, want[:, :k], 1), atol=1e-3)
