@@ -192,6 +192,44 @@ def test_interrupted_extraction_continues_to_the_same_file(world, tmp_path, caps
     assert _read(part)['complete']
 
 
+def test_extraction_killed_mid_run_resumes(world, tmp_path):
+    """SIGKILL while extract.py writes (one image per chunk, so a write is nearly always under way),
+    then the same command again: the file holds every image's features, as the bare model gives them."""
+    import signal
+    import subprocess
+    import sys
+    import time
+    folder = tmp_path / 'many'
+    folder.mkdir()
+    for i in range(32):
+        os.link(world['good'][i % len(world['good'])], str(folder / f'{i:03d}.jpg'))
+    argv = ['--model', str(world['ckpt']), '--images', str(folder), '--device', 'cpu', '--batch_size', '1',
+            '--chunk_size', '1', '--workers', '0', '--progress', 'false']
+    out = tmp_path / 'killed.h5'
+    env = dict(os.environ, OMP_NUM_THREADS='1', PYTHONPATH=os.pathsep.join(
+        [str(extract_script.__file__).rsplit(os.sep, 2)[0], os.environ.get('PYTHONPATH', '')]))
+    proc = subprocess.Popen([sys.executable, extract_script.__file__] + argv + ['--output', str(out)], env=env,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.time() + 300
+    while time.time() < deadline and proc.poll() is None and not out.exists():
+        time.sleep(0.05)
+    created = out.stat().st_size if out.exists() else 0
+    while time.time() < deadline and proc.poll() is None and out.stat().st_size < created + 500000:
+        time.sleep(0.05)                # the first feature chunk (1 MB) is being written
+    time.sleep(0.3)
+    killed = proc.poll() is None
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    if killed:                          # (a very fast machine may finish first: then only the rerun is checked)
+        with h5py.File(str(out), 'r') as f:
+            assert not f.attrs['complete'] and f.attrs['position'] < 32
+    _run(argv + ['--output', str(out)])
+    got = _read(out)
+    assert got['complete'] and got['paths'] == sorted(str(p) for p in folder.iterdir())
+    ref_g, ref_l = _reference(world['model'], got['paths'])
+    np.testing.assert_allclose(got['global'], ref_g, atol=1e-5)
+
+
 def test_extract_from_a_list_file_and_bad_flags(world, tmp_path, capsys):
     lst = world['root'] / 'list.txt'
     rel = [os.path.relpath(p, str(world['root'])) for p in world['good'][:3]]
