@@ -11,4 +11,8 @@ setup(
     packages=find_packages(include=["aligned_reid", "aligned_reid.*"]),
     python_requires=">=3.9",
     install_requires=requirements,
+    # pip install -e .[export]: script/export_onnx.py (ONNX export and its onnxruntime check);
+    # .[search]: the approximate faiss first stage of script/search.py.
+    extras_require={"export": ["onnx>=1.16", "onnxscript>=0.2", "onnxruntime>=1.18"],
+                    "search": ["faiss-cpu>=1.8"]},
 )

@@ -8,12 +8,11 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from .loss import batch_local_dist, local_dist
+# compute_dist / pair_dist live in aligned_reid.distance; they stay importable from here.
+from .distance import DISTANCES, METRICS, compute_dist, pair_dist  # noqa: F401
 
-DISTANCES = ('global', 'local', 'global_local')
-METRICS = ('euclidean', 'cosine')
 AP_MODES = ('standard', 'market_official')
-_BLOCK_ELEMENTS = 1 << 22     # ~4M matrix cells per row block in evaluate_rank / compute_dist
+_BLOCK_ELEMENTS = 1 << 22     # ~4M matrix cells per row block in evaluate_rank
 
 
 # ----------------------------------------------------------------------------- features
@@ -100,106 +99,6 @@ def pool_multi_query(feats, mode='avg'):
             pooled[row] = stack.mean(0) if mode == 'avg' else stack.max(0)
         out[key] = pooled
     return out
-
-
-# ----------------------------------------------------------------------------- distances
-
-def _as_tensor(x, device=None):
-    t = torch.as_tensor(x)
-    if device is not None:
-        t = t.to(device)
-    return t if t.is_floating_point() else t.float()
-
-
-def _get(feats, key, distance):
-    if isinstance(feats, dict):
-        if key not in feats:
-            raise ValueError(f"distance {distance!r} needs {key!r} features; the dict has "
-                             f"{sorted(feats)}")
-        return feats[key]
-    return feats
-
-
-def _normalize(x):
-    return x / x.norm(dim=-1, keepdim=True).clamp_min(1e-12)
-
-
-def _check_distance(distance, metric):
-    if distance not in DISTANCES:
-        raise ValueError(f"distance must be one of {DISTANCES}, got {distance!r}")
-    if metric not in METRICS:
-        raise ValueError(f"metric must be one of {METRICS}, got {metric!r}")
-    if metric == 'cosine' and distance != 'global':
-        raise ValueError(f"metric='cosine' applies to the global distance only, got "
-                         f"distance={distance!r}")
-
-
-def _global_block(x, y, normalize, metric):
-    """x [B, C], y [N, C] (tensors) -> [B, N]."""
-    if normalize or metric == 'cosine':
-        x, y = _normalize(x), _normalize(y)
-    if metric == 'cosine':
-        return 1. - x @ y.t()
-    d2 = (x * x).sum(1, keepdim=True) + (y * y).sum(1)[None] - 2. * (x @ y.t())
-    return d2.clamp_min_(0.).sqrt_()
-
-
-def compute_dist(q_feats, g_feats, distance='global', normalize=False, metric='euclidean',
-                 device=None, block_size=None):
-    """Query x gallery distance matrix -> np.float32 [Q, G].
-
-    q_feats, g_feats: dicts with 'global' [N, C] and/or 'local' [N, h, c] (numpy or torch),
-    or the feature array itself.
-    distance: 'global' (Euclidean between global features, on raw features or, with
-    normalize=True, L2-normalised ones; metric='cosine' gives 1 - cosine similarity),
-    'local' (AlignedReID aligned local distance, aligned_reid.loss.local_dist; normalize=True
-    L2-normalises each stripe first), or 'global_local' (their sum).
-    Rows are computed `block_size` queries at a time on `device` (default: the features')."""
-    _check_distance(distance, metric)
-    out = None
-    if distance in ('global', 'global_local'):
-        x = _as_tensor(_get(q_feats, 'global', distance), device)
-        y = _as_tensor(_get(g_feats, 'global', distance), device)
-        bs = block_size or max(1, _BLOCK_ELEMENTS // max(1, y.shape[0]))
-        out = np.empty((x.shape[0], y.shape[0]), dtype=np.float32)
-        for s in range(0, x.shape[0], bs):
-            out[s:s + bs] = _global_block(x[s:s + bs], y, normalize, metric).float().cpu().numpy()
-    if distance in ('local', 'global_local'):
-        x = _as_tensor(_get(q_feats, 'local', distance), device)
-        y = _as_tensor(_get(g_feats, 'local', distance), device)
-        if normalize:
-            x, y = _normalize(x), _normalize(y)
-        with torch.no_grad():
-            loc = local_dist(x, y, aligned=True).float().cpu().numpy()
-        out = loc if out is None else out + loc
-    return out
-
-
-def pair_dist(x_feats, y_feats, distance='global', normalize=False, metric='euclidean'):
-    """Distances between paired rows: x_feats[i] vs y_feats[i] -> torch.float32 [P].
-
-    The same definitions (and formulas) as compute_dist, for P explicit pairs."""
-    _check_distance(distance, metric)
-    out = None
-    if distance in ('global', 'global_local'):
-        x = _as_tensor(_get(x_feats, 'global', distance))
-        y = _as_tensor(_get(y_feats, 'global', distance)).to(x.device)
-        if normalize or metric == 'cosine':
-            x, y = _normalize(x), _normalize(y)
-        if metric == 'cosine':
-            out = 1. - (x * y).sum(1)
-        else:
-            d2 = (x * x).sum(1) + (y * y).sum(1) - 2. * (x * y).sum(1)
-            out = d2.clamp_min(0.).sqrt()
-    if distance in ('local', 'global_local'):
-        x = _as_tensor(_get(x_feats, 'local', distance))
-        y = _as_tensor(_get(y_feats, 'local', distance)).to(x.device)
-        if normalize:
-            x, y = _normalize(x), _normalize(y)
-        with torch.no_grad():
-            loc = batch_local_dist(x, y, aligned=True)
-        out = loc if out is None else out + loc
-    return out.float()
 
 
 # ----------------------------------------------------------------------------- ranking

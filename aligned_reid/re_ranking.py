@@ -5,7 +5,7 @@ import numpy as np
 import scipy.sparse as sp
 import torch
 
-from .evaluation import compute_dist, pair_dist
+from .distance import compute_dist, pair_dist
 
 _BLOCK_ELEMENTS = 1 << 22     # ~4M cells per dense row block
 

@@ -1,5 +1,5 @@
 """Pictures of test results with Pillow only: ranked-list grids (query, then the top-k gallery
-images framed green for a match, red otherwise) and CMC curves."""
+images framed green for a match, red otherwise, grey without labels) and CMC curves."""
 
 import os
 
@@ -9,6 +9,7 @@ from PIL import Image, ImageDraw, ImageFont
 MATCH_COLOR = (0, 170, 0)
 NON_MATCH_COLOR = (220, 0, 0)
 QUERY_COLOR = (30, 80, 220)
+NEUTRAL_COLOR = (150, 150, 150)   # gallery frames when no identity labels are known
 CURVE_COLORS = [(31, 119, 180), (255, 127, 14), (44, 160, 44), (214, 39, 40), (148, 103, 189),
                 (140, 86, 75), (227, 119, 194), (127, 127, 127)]
 
@@ -36,11 +37,17 @@ def save_ranked_lists(distmat, q_ids, g_ids, q_cams, g_cams, q_images, g_images,
 
     distmat [Q, G]; q_ids, q_cams [Q]; g_ids, g_cams [G]; q_images / g_images: sequences of
     image paths or PIL images, aligned with the rows / columns. Gallery items with the
-    query's id and camera, and junk (id < 0), are left out as in evaluate_rank. size = (h, w)
+    query's id and camera, and junk (id < 0), are left out as in evaluate_rank. Without
+    labels (q_ids, g_ids, q_cams, g_cams all None, as for one's own images) every gallery item
+    is kept and framed grey; np.inf distances mark items not to draw. size = (h, w)
     of each thumbnail. Each grid is (h + 2 border + caption) high and
     (top_k + 1) (w + 2 border) + gap wide. Returns the written paths
     (out_dir/query_{index:05d}.png)."""
     distmat = np.asarray(distmat)
+    labelled = q_ids is not None
+    if not labelled:
+        q_ids, g_ids = np.zeros(distmat.shape[0], int), np.zeros(distmat.shape[1], int)
+        q_cams, g_cams = q_ids - 1, g_ids
     q_ids, g_ids = np.asarray(q_ids), np.asarray(g_ids)
     q_cams, g_cams = np.asarray(q_cams), np.asarray(g_cams)
     if distmat.shape != (len(q_ids), len(g_ids)) or len(q_images) != len(q_ids) or \
@@ -56,13 +63,19 @@ def save_ranked_lists(distmat, q_ids, g_ids, q_cams, g_cams, q_images, g_images,
     for qi in (range(len(q_ids)) if query_indices is None else query_indices):
         order = np.argsort(distmat[qi], kind='stable')
         keep = ~((g_ids[order] == q_ids[qi]) & (g_cams[order] == q_cams[qi])) & (g_ids[order] >= 0)
+        if not labelled:
+            keep = np.isfinite(distmat[qi][order])
         ranked = order[keep][:top_k]
         canvas = Image.new('RGB', (cell_w * (top_k + 1) + gap, cell_h + caption), 'white')
         draw = ImageDraw.Draw(canvas)
         canvas.paste(_framed(_open(q_images[qi], size), QUERY_COLOR, border), (0, 0))
-        draw.text((2, cell_h + 2), f"query {q_ids[qi]}", fill='black', font=font)
+        draw.text((2, cell_h + 2), f"query {q_ids[qi]}" if labelled else "query", fill='black',
+                  font=font)
         for rank, gi in enumerate(ranked, start=1):
-            color = MATCH_COLOR if g_ids[gi] == q_ids[qi] else NON_MATCH_COLOR
+            if not labelled:
+                color = NEUTRAL_COLOR
+            else:
+                color = MATCH_COLOR if g_ids[gi] == q_ids[qi] else NON_MATCH_COLOR
             x = gap + rank * cell_w
             canvas.paste(_framed(_open(g_images[gi], size), color, border), (x, 0))
             draw.text((x + 2, cell_h + 2), f"{rank}: {distmat[qi, gi]:.2f}", fill=color, font=font)

@@ -6,15 +6,11 @@ import os
 import numpy as np
 import torch
 
-from aligned_reid import data, utils
+from aligned_reid import checkpoint, data, utils
 from aligned_reid.utils import boolean
-from aligned_reid.model import Model
 
 DISTANCES = {'global': ('global',), 'local': ('local',), 'global_local': ('global_local',),
              'all': ('global', 'local', 'global_local')}
-MODEL_FLAGS = ('base_model', 'last_stride', 'local_conv_out_channels', 'resize_h_w', 'normalize_feature')
-MODEL_DEFAULTS = {'base_model': 'resnet50', 'last_stride': 2, 'local_conv_out_channels': 128,
-                  'resize_h_w': [256, 128], 'normalize_feature': False}
 
 
 def build_parser():
@@ -108,31 +104,10 @@ def parse_args(argv=None):
 
 
 def load_model(path, args, device):
-    """Builds the Model described by the checkpoint's saved arguments (command-line values win) and loads
-    its weights. Accepts a train.py checkpoint or a bare state_dict. Returns (model, resolved settings)."""
-    state = utils.load_checkpoint(path, map_location='cpu')
-    if isinstance(state, dict) and 'model' in state and isinstance(state['model'], dict):
-        weights, saved = state['model'], dict(state.get('args') or {})
-    elif isinstance(state, dict):
-        weights, saved = state, {}
-    else:
-        raise ValueError('{}: not a checkpoint or state_dict'.format(path))
-    weights = {(k[len('module.'):] if k.startswith('module.') else k): v for k, v in weights.items()}
-    cfg = {k: getattr(args, k) if getattr(args, k) is not None else saved.get(k, MODEL_DEFAULTS[k])
-           for k in MODEL_FLAGS}
-    model = Model(base=cfg['base_model'], last_stride=cfg['last_stride'],
-                  local_conv_out_channels=cfg['local_conv_out_channels'], num_classes=None, pretrained=False)
-    own = model.state_dict()
-    missing = [k for k in own if k not in weights]
-    if missing:
-        raise ValueError('{}: weights do not fit a {} model (missing {}{}); give --base_model / '
-                         '--local_conv_out_channels to match'.format(
-                             path, cfg['base_model'], ', '.join(missing[:3]), '...' if len(missing) > 3 else ''))
-    try:
-        model.load_state_dict({k: weights[k] for k in own})  # the ID classifier is not needed for testing
-    except RuntimeError as e:
-        raise ValueError('{}: weights do not fit a {} model: {}'.format(path, cfg['base_model'], e))
-    return model.to(device).eval(), cfg
+    """The model of a checkpoint or bare state_dict, through aligned_reid.checkpoint.load_model; the model
+    flags given on the command line win over the saved ones. Returns (model, resolved settings)."""
+    flags = ('base_model', 'last_stride', 'local_conv_out_channels', 'resize_h_w', 'normalize_feature')
+    return checkpoint.load_model(path, device=device, overrides={k: getattr(args, k) for k in flags})
 
 
 def evaluate(model, partitions, im_dir, cfg, args, device):

@@ -6,7 +6,7 @@ import math
 import pytest
 import torch
 
-from aligned_reid.loss import _shortest_path_cells_first
+from aligned_reid.distance import _shortest_path_cells_first
 from aligned_reid.loss import (batch_local_dist, compute_losses, euclidean_dist,
                                hard_example_mining, local_dist, mutual_losses, normalize,
                                shortest_path, triplet_loss)

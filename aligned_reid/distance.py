@@ -1,0 +1,293 @@
+"""Distances of AlignedReID (Zhang et al., arXiv 1711.08184) in one place: Euclidean, the aligned
+local distance with its shortest path, and blocked query x gallery / paired distances."""
+import numpy as np
+import torch
+
+DISTANCES = ('global', 'local', 'global_local')
+METRICS = ('euclidean', 'cosine')
+_ROW_BLOCK_ELEMENTS = 1 << 22     # ~4M matrix cells per row block of compute_dist
+
+# Default grid cells (pairs x m x n) per block of `local_dist`: 32 MB of float32, the one
+# large buffer a block needs (the map and, without autograd, the path sweep reuse the matmul
+# output). Large enough that per-operation overheads vanish even on a crowded CPU.
+_LOCAL_BLOCK_ELEMENTS = 1 << 23
+
+
+def normalize(x, dim=-1, eps=1e-12):
+    """L2-normalise `x` along `dim` (any shape). Zero vectors stay zero."""
+    return x / x.norm(p=2, dim=dim, keepdim=True).clamp_min(eps)
+
+
+def euclidean_dist(x, y):
+    """Euclidean distances between the rows of x [M, d] and y [N, d] -> [M, N].
+
+    Uses |x|^2 + |y|^2 - 2 x.y, clamped at 1e-12 before the square root so that the gradient
+    stays finite for identical vectors."""
+    if x.dim() != 2 or y.dim() != 2 or x.size(1) != y.size(1):
+        raise ValueError(f"euclidean_dist expects x [M, d] and y [N, d], got "
+                         f"{tuple(x.shape)} and {tuple(y.shape)}")
+    xx = x.pow(2).sum(1, keepdim=True)          # [M, 1]
+    yy = y.pow(2).sum(1, keepdim=True).t()      # [1, N]
+    d2 = torch.addmm(xx + yy, x, y.t(), alpha=-2.)  # [M, N]
+    return d2.clamp_min(1e-12).sqrt()
+
+
+def _sigmoid_of_dist(d2, inplace=False):
+    """Squared stripe distances d^2 -> sigmoid(d), clamped at 1e-12 before the square root.
+
+    The element map of the paper, (e^d - 1) / (e^d + 1) = tanh(d / 2), equals 2 sigmoid(d) - 1.
+    Every monotone path through an m x n grid visits m + n - 1 cells, so the path sum of the
+    map is 2 (path sum of sigmoid(d)) - (m + n - 1), and the same path is shortest for both:
+    the callers run on sigmoid(d) and apply the affine map to the sums, which saves two full
+    passes over the grid (and sigmoid is several times cheaper than tanh on CPUs)."""
+    if inplace:
+        return d2.clamp_min_(1e-12).sqrt_().sigmoid_()
+    return torch.sigmoid(d2.clamp_min(1e-12).sqrt())
+
+
+def _shortest_path_cells_first(dist):
+    """Shortest monotone path sum for dist [m, n, *P] (grid first, path dims after) -> [*P].
+
+    The dynamic programme D[i, j] = dist[i, j] + min(D[i-1, j], D[i, j-1]) is swept along the
+    m + n - 1 anti-diagonals i + j = k; every cell of a diagonal, for all paths at once, is one
+    tensor operation. Whatever the strides of `dist`, the cells (i, k - i) of a diagonal are
+    equally spaced in memory (step stride_i - stride_j), so each diagonal is a strided view,
+    not a gather or a copy. Out-of-place, hence differentiable."""
+    m, n = dist.shape[:2]
+    if m == 1 or n == 1:
+        return dist.sum(dim=(0, 1))
+    s_i, s_j = dist.stride(0), dist.stride(1)
+    tail_size, tail_stride = list(dist.shape[2:]), list(dist.stride()[2:])
+    offset = dist.storage_offset()
+
+    def diagonal(k, lo, hi):            # cells (lo, k - lo) ... (hi, k - hi): [hi - lo + 1, *P]
+        return dist.as_strided([hi - lo + 1] + tail_size, [s_i - s_j] + tail_stride,
+                               offset + lo * s_i + (k - lo) * s_j)
+
+    prev = dist[0:1, 0]                             # diagonal 0: cell (0, 0)
+    prev_lo, prev_hi = 0, 0                         # row range of the previous diagonal
+    for k in range(1, m + n - 1):
+        lo, hi = max(0, k - n + 1), min(k, m - 1)
+        cells = diagonal(k, lo, hi)
+        # Rows i in [a, b] have both predecessors: up (i-1, j) and left (i, j-1).
+        a, b = max(lo, prev_lo + 1), min(hi, prev_hi)
+        up = prev[a - 1 - prev_lo:b - prev_lo]
+        left = prev[a - prev_lo:b + 1 - prev_lo]
+        parts = []
+        if lo < a:      # cell (0, k): reached only from the left
+            parts.append(cells[:1] + prev[:1])
+        parts.append(cells[a - lo:b + 1 - lo] + torch.minimum(up, left))
+        if hi > b:      # cell (k, 0): reached only from above
+            parts.append(cells[-1:] + prev[-1:])
+        prev = parts[0] if len(parts) == 1 else torch.cat(parts, 0)
+        prev_lo, prev_hi = lo, hi
+    return prev[0]
+
+
+def shortest_path(dist):
+    """Shortest path through a distance grid, as in AlignedReID's aligned local distance.
+
+    dist [..., m, n] -> [...]: the minimum, over all paths from cell (0, 0) to (m-1, n-1)
+    that step right or down, of the sum of the cells visited. Exact, differentiable, on any
+    device; vectorised over the leading dims and along anti-diagonals."""
+    if dist.dim() < 2:
+        raise ValueError(f"shortest_path expects dist [..., m, n], got {tuple(dist.shape)}")
+    lead = dist.shape[:-2]
+    m, n = dist.shape[-2:]
+    cells_first = dist.reshape(-1, m, n).permute(1, 2, 0).contiguous()   # [m, n, P]
+    return _shortest_path_cells_first(cells_first).reshape(lead)
+
+
+def _check_stripes(x, y, aligned, name):
+    if x.dim() != 3 or y.dim() != 3 or x.size(-1) != y.size(-1):
+        raise ValueError(f"{name} expects x [*, m, d] and y [*, n, d], got "
+                         f"{tuple(x.shape)} and {tuple(y.shape)}")
+    if not aligned and x.size(1) != y.size(1):
+        raise ValueError(f"{name}(aligned=False) sums the diagonal and needs the same number of "
+                         f"stripes, got m={x.size(1)} and n={y.size(1)}")
+
+
+def local_dist(x, y, block_size=None, aligned=True):
+    """Local distance between every pair of x [M, m, d] and y [N, n, d] -> [M, N].
+
+    Stripe-to-stripe Euclidean distances d [m, n] are mapped by (e^d - 1) / (e^d + 1); the
+    aligned distance is the shortest right/down path through that grid (`shortest_path`),
+    the unaligned one (aligned=False, needs m == n) the sum of its diagonal. Rows of x are
+    processed `block_size` at a time (default: about 8M grid cells per block), so memory
+    stays bounded for query x gallery matrices. Half-precision inputs are computed in float32.
+    Differentiable."""
+    _check_stripes(x, y, aligned, "local_dist")
+    if x.dtype in (torch.float16, torch.bfloat16) or y.dtype in (torch.float16, torch.bfloat16):
+        x, y = x.float(), y.float()
+    M, m, _ = x.shape
+    N, n, _ = y.shape
+    if block_size is None:
+        block_size = max(1, _LOCAL_BLOCK_ELEMENTS // max(1, N * m * n))
+    if block_size < 1:
+        raise ValueError(f"local_dist: block_size must be >= 1, got {block_size}")
+    need_grad = torch.is_grad_enabled() and (x.requires_grad or y.requires_grad)
+    # One matmul gives d^2 = |x|^2 + |y|^2 - 2 x.y for every stripe pair, with the norms
+    # folded in as two extra columns: [x, |x|^2, 1] . [-2 y, 1, |y|^2].
+    y_aug = torch.cat([-2. * y, y.new_ones(N, n, 1), y.pow(2).sum(-1, keepdim=True)], -1)
+    y_aug = y_aug.transpose(0, 1).reshape(n * N, -1)  # [n * N, d + 2]
+    out = []
+    for start in range(0, M, block_size):
+        xb = x[start:start + block_size]              # [B, m, d]
+        B = xb.size(0)
+        x_aug = torch.cat([xb, xb.pow(2).sum(-1, keepdim=True), xb.new_ones(B, m, 1)], -1)
+        if aligned:
+            grid = x_aug.transpose(0, 1).reshape(m * B, -1) @ y_aug.t()        # [m * B, n * N]
+        else:
+            x_aug = x_aug.transpose(0, 1)                                       # [m, B, d + 2]
+            grid = torch.bmm(x_aug, y_aug.view(n, N, -1).transpose(1, 2))      # [m, B, N]
+        grid = _sigmoid_of_dist(grid, inplace=not need_grad)
+        if aligned:
+            # [m, n, B, N] view of the [m, B, n, N] matrix: each grid cell is B rows of N
+            # contiguous pairs, and the shortest-path sweep reads the diagonals in place.
+            grid = grid.view(m, B, n, N).transpose(1, 2)
+            out.append(2. * _shortest_path_cells_first(grid) - (m + n - 1))
+        else:
+            out.append(2. * grid.sum(0) - m)
+    if not out:
+        return x.new_zeros(0, N)
+    return torch.cat(out, 0)
+
+
+def batch_local_dist(x, y, aligned=True):
+    """Local distance between paired rows of x [N, m, d] and y [N, n, d] -> [N].
+
+    Same distance as `local_dist` (element map, then shortest path or diagonal sum), for
+    the N pairs (x[i], y[i]) only, as the triplet loss needs during training."""
+    _check_stripes(x, y, aligned, "batch_local_dist")
+    if x.size(0) != y.size(0):
+        raise ValueError(f"batch_local_dist needs as many rows in x as in y, got "
+                         f"{x.size(0)} and {y.size(0)}")
+    m, n = x.size(1), y.size(1)
+    if not aligned:
+        return 2. * _sigmoid_of_dist((x - y).pow(2).sum(-1)).sum(-1) - m
+    xx = x.pow(2).sum(-1)                            # [N, m]
+    yy = y.pow(2).sum(-1)                            # [N, n]
+    d2 = xx[:, :, None] + yy[:, None, :] - 2. * torch.bmm(x, y.transpose(1, 2))  # [N, m, n]
+    grid = _sigmoid_of_dist(d2).permute(1, 2, 0)                                # [m, n, N]
+    return 2. * _shortest_path_cells_first(grid) - (m + n - 1)
+
+
+# ----------------------------------------------------------------------------- query x gallery
+
+def _as_tensor(x, device=None):
+    t = torch.as_tensor(x)
+    if device is not None:
+        t = t.to(device)
+    return t if t.is_floating_point() else t.float()
+
+
+def _get(feats, key, distance):
+    if isinstance(feats, dict):
+        if key not in feats:
+            raise ValueError(f"distance {distance!r} needs {key!r} features; the dict has "
+                             f"{sorted(feats)}")
+        return feats[key]
+    return feats
+
+
+def _normalize(x):
+    return x / x.norm(dim=-1, keepdim=True).clamp_min(1e-12)
+
+
+def _check_distance(distance, metric):
+    if distance not in DISTANCES:
+        raise ValueError(f"distance must be one of {DISTANCES}, got {distance!r}")
+    if metric not in METRICS:
+        raise ValueError(f"metric must be one of {METRICS}, got {metric!r}")
+    if metric == 'cosine' and distance != 'global':
+        raise ValueError(f"metric='cosine' applies to the global distance only, got "
+                         f"distance={distance!r}")
+
+
+def _global_block(x, y, normalize, metric):
+    """x [B, C], y [N, C] (tensors) -> [B, N]."""
+    if normalize or metric == 'cosine':
+        x, y = _normalize(x), _normalize(y)
+    if metric == 'cosine':
+        return 1. - x @ y.t()
+    d2 = (x * x).sum(1, keepdim=True) + (y * y).sum(1)[None] - 2. * (x @ y.t())
+    return d2.clamp_min_(0.).sqrt_()
+
+
+def compute_dist(q_feats, g_feats, distance='global', normalize=False, metric='euclidean',
+                 device=None, block_size=None):
+    """Query x gallery distance matrix -> np.float32 [Q, G].
+
+    q_feats, g_feats: dicts with 'global' [N, C] and/or 'local' [N, h, c] (numpy or torch),
+    or the feature array itself.
+    distance: 'global' (Euclidean between global features, on raw features or, with
+    normalize=True, L2-normalised ones; metric='cosine' gives 1 - cosine similarity),
+    'local' (AlignedReID aligned local distance, local_dist; normalize=True
+    L2-normalises each stripe first), or 'global_local' (their sum).
+    Rows are computed `block_size` queries at a time on `device` (default: the features')."""
+    _check_distance(distance, metric)
+    out = None
+    if distance in ('global', 'global_local'):
+        x = _as_tensor(_get(q_feats, 'global', distance), device)
+        y = _as_tensor(_get(g_feats, 'global', distance), device)
+        bs = block_size or max(1, _ROW_BLOCK_ELEMENTS // max(1, y.shape[0]))
+        out = np.empty((x.shape[0], y.shape[0]), dtype=np.float32)
+        for s in range(0, x.shape[0], bs):
+            out[s:s + bs] = _global_block(x[s:s + bs], y, normalize, metric).float().cpu().numpy()
+    if distance in ('local', 'global_local'):
+        x = _as_tensor(_get(q_feats, 'local', distance), device)
+        y = _as_tensor(_get(g_feats, 'local', distance), device)
+        if normalize:
+            x, y = _normalize(x), _normalize(y)
+        with torch.no_grad():
+            loc = local_dist(x, y, aligned=True).float().cpu().numpy()
+        out = loc if out is None else out + loc
+    return out
+
+
+def pair_dist(x_feats, y_feats, distance='global', normalize=False, metric='euclidean'):
+    """Distances between paired rows: x_feats[i] vs y_feats[i] -> torch.float32 [P].
+
+    The same definitions (and formulas) as compute_dist, for P explicit pairs."""
+    _check_distance(distance, metric)
+    out = None
+    if distance in ('global', 'global_local'):
+        x = _as_tensor(_get(x_feats, 'global', distance))
+        y = _as_tensor(_get(y_feats, 'global', distance)).to(x.device)
+        if normalize or metric == 'cosine':
+            x, y = _normalize(x), _normalize(y)
+        if metric == 'cosine':
+            out = 1. - (x * y).sum(1)
+        else:
+            d2 = (x * x).sum(1) + (y * y).sum(1) - 2. * (x * y).sum(1)
+            out = d2.clamp_min(0.).sqrt()
+    if distance in ('local', 'global_local'):
+        x = _as_tensor(_get(x_feats, 'local', distance))
+        y = _as_tensor(_get(y_feats, 'local', distance)).to(x.device)
+        if normalize:
+            x, y = _normalize(x), _normalize(y)
+        with torch.no_grad():
+            loc = batch_local_dist(x, y, aligned=True)
+        out = loc if out is None else out + loc
+    return out.float()
+
+
+def dist_block(x_feats, y_feats, distance='global', normalize=False, metric='euclidean'):
+    """One block of compute_dist kept as a tensor: x_feats [B, ...] x y_feats [N, ...] ->
+    torch.float32 [B, N] on the features' device (the same definitions and formulas; no
+    autograd). For callers that reduce each block on the device, such as a top-k search."""
+    _check_distance(distance, metric)
+    out = None
+    with torch.no_grad():
+        if distance in ('global', 'global_local'):
+            x = _as_tensor(_get(x_feats, 'global', distance))
+            y = _as_tensor(_get(y_feats, 'global', distance)).to(x.device)
+            out = _global_block(x, y, normalize, metric).float()
+        if distance in ('local', 'global_local'):
+            x = _as_tensor(_get(x_feats, 'local', distance))
+            y = _as_tensor(_get(y_feats, 'local', distance)).to(x.device)
+            if normalize:
+                x, y = _normalize(x), _normalize(y)
+            loc = local_dist(x, y, aligned=True).float()
+            out = loc if out is None else out + loc
+    return out
