@@ -57,15 +57,32 @@ def test_shortest_path_matches_enumeration():
                 assert abs(got[b].item() - brute_shortest_path(grid[b])) < 1e-9, (m, n)
 
 
-def test_sweep_on_strided_view_matches_enumeration():
+@pytest.mark.parametrize("schedule", ["diagonals", "rows"])
+def test_sweep_on_strided_view_matches_enumeration(schedule):
     # local_dist hands the sweep a non-contiguous [m, n, B, N] view of its distance grid.
     gen = torch.Generator().manual_seed(12)
     for m in range(1, 7):
         for n in range(1, 7):
             grid = torch.rand(2, m, 3, n, generator=gen, dtype=torch.float64)
             expected = [[brute_shortest_path(grid[b, :, c]) for c in range(3)] for b in range(2)]
-            got = _shortest_path_cells_first(grid.permute(1, 3, 0, 2))
+            got = _shortest_path_cells_first(grid.permute(1, 3, 0, 2), schedule=schedule)
             assert torch.allclose(got, torch.tensor(expected, dtype=torch.float64), atol=1e-9)
+
+
+def test_schedules_have_the_same_gradient():
+    # Away from ties the gradient of the shortest path sum is the indicator of its cells.
+    gen = torch.Generator().manual_seed(4)
+    for m, n in ((1, 4), (4, 1), (3, 5), (8, 8)):
+        grid = torch.rand(m, n, 16, generator=gen, dtype=torch.float64)
+        grads = []
+        for schedule in ("diagonals", "rows"):
+            g = grid.clone().requires_grad_(True)
+            _shortest_path_cells_first(g, schedule=schedule).sum().backward()
+            grads.append(g.grad)
+        assert torch.equal(grads[0], grads[1]), (m, n)
+        assert set(grads[0].unique().tolist()) <= {0., 1.} and (grads[0].sum((0, 1)) == m + n - 1).all()
+    with pytest.raises(ValueError, match="schedule"):
+        _shortest_path_cells_first(grid, schedule="columns")
 
 
 def test_shortest_path_known_answers_and_shapes():
