@@ -24,6 +24,7 @@ from aligned_reid.prepare import prepare_market_layout
 from aligned_reid.synthetic import render_market_tree
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+os.environ.setdefault('TQDM_DISABLE', '1')  # train_one_epoch's per-step bars would drown the table
 
 
 def load_train_script():
