@@ -137,9 +137,11 @@ def load_file(path):
         return torch.load(path, map_location='cpu', pickle_module=_SAFE_PICKLE, weights_only=False,
                           encoding='latin1')
     except _Refused as e:
+        hint = (' (a whole pickled module: save its state_dict() instead)' if str(e).startswith('torch.nn.')
+                else '')
         raise CheckpointError(
             '{}: refused: its pickle asks for {}, which is neither a tensor, a plain container nor one of the '
-            'torch globals a state dict needs; nothing from the file was run'.format(path, e)) from None
+            'torch globals a state dict needs; nothing from the file was run{}'.format(path, e, hint)) from None
     except (EOFError, pickle.UnpicklingError) as e:
         what = 'legacy torch file' if kind == 'pickle' else 'zip archive'
         raise CheckpointError('{}: truncated or damaged {} ({}: {})'.format(
