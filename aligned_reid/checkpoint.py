@@ -241,13 +241,14 @@ def convert_state(sd):
     mattered there. Returns (state dict, list of the conversions made)."""
     out, notes = OrderedDict(), []
     for k, v in sd.items():
-        k0 = k
         while k.startswith('module.'):
             k = k[len('module.'):]
+            if "'module.' prefixes stripped" not in notes:
+                notes.append("'module.' prefixes stripped")
         if k.startswith('fc.'):
             k = 'classifier.' + k[len('fc.'):]
-        if k != k0 and 'renamed' not in ' '.join(notes):
-            notes.append("keys renamed ('module.' prefixes stripped, 'fc.' -> 'classifier.')")
+            if "'fc.*' classifier read as 'classifier.*'" not in notes:
+                notes.append("'fc.*' classifier read as 'classifier.*'")
         if k in out:
             raise CheckpointError('key {!r} appears twice once prefixes are stripped'.format(k))
         out[k] = v
@@ -356,7 +357,8 @@ def read_checkpoint(path, model_index=1):
         state, notes = convert_state(sd)
     except CheckpointError as e:
         raise CheckpointError('{} ({}): {}'.format(path, layout, e)) from None
-    older = older or 'local_conv.bias' in sd or any(k.startswith('fc.') for k in sd)
+    bare_keys = [k[k.rfind('module.') + len('module.'):] if 'module.' in k else k for k in sd]
+    older = older or 'local_conv.bias' in bare_keys or any(k.startswith('fc.') for k in bare_keys)
     if older and 'older' not in layout:
         layout = "the older reproduction's model weights ({})".format(layout)
     base, channels = infer_architecture(state, path, layout)

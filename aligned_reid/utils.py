@@ -80,7 +80,11 @@ OLD_RUN_HELP = 'keep repeated runs apart with --exp_dir DIR (one folder per run)
 
 class OldFlag(argparse.Action):
     """A flag of the older reproduction with no counterpart here: using it stops the parse with one
-    line naming what to use instead (the action's help)."""
+    line naming what to use instead (the action's help). Nothing is stored, so it never reaches args.json."""
+
+    def __init__(self, *args, **kwargs):
+        kwargs.setdefault('default', argparse.SUPPRESS)
+        super().__init__(*args, **kwargs)
 
     def __call__(self, parser, namespace, values, option_string=None):
         parser.error('{} is a flag of the older reproduction, not used here: {}'.format(option_string, self.help))
