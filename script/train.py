@@ -556,6 +556,8 @@ def build_model(args, num_classes, device):
     except RuntimeError as e:  # ImageNet weights unreachable: say which flags help, no traceback
         raise SystemExit('{}: --pretrained true: {} To train from scratch instead, pass --pretrained false.'
                          .format(os.path.basename(sys.argv[0]), e))
+    except ValueError as e:  # a --pretrained_path file that is unreadable or does not fit the backbone
+        raise SystemExit('{}: --pretrained_path: {}'.format(os.path.basename(sys.argv[0]), e))
     return model.to(device)
 
 

@@ -295,6 +295,20 @@ def test_start_training_from_old_weights(market, tmp_path):
     assert state['args']['model_weight_file'] == str(weights)
 
 
+def test_train_ml_tests_both_models_of_an_old_mutual_learning_checkpoint(market, tmp_path):
+    models = [randomized_old_model(seed=s) for s in (7, 8)]
+    exp = tmp_path / 'old_ml'
+    exp.mkdir()
+    write_layout(exp / 'ckpt.pth', 'ml_py2', models)
+    args = ml_script.parse_args(['--train_partitons', market['partitions'], '--exp_dir', str(exp), '--ids_per_batch',
+                                 '4', '--onlytest', 'true', '--to_re_rank', 'false'] + COMMON)
+    ml_script.main(args)
+    metrics = json.load(open(exp / 'metrics.json'))
+    assert metrics['results']['global']['mAP'] != metrics['results_model2']['global']['mAP']
+    log = open(exp / 'train.log').read()
+    assert 'mutual learning, 2 models + 2 optimizers; model 1' in log and '; model 2;' in log
+
+
 # ----------------------------------------------------------------------------- flags
 
 def test_old_flags(market, tmp_path, capsys):
