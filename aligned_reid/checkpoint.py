@@ -99,8 +99,6 @@ def _sniff(head):
             return 'text: {!r}'.format(text.splitlines()[0][:40] if text.splitlines() else text)
     except UnicodeDecodeError:
         pass
-    if head[:1] in (b'(', b']', b'}', b'c', b'I', b'L'):
-        return 'pickle'  # protocol 0 / 1
     return 'unknown binary data (first bytes {})'.format(head[:8].hex())
 
 
@@ -401,7 +399,6 @@ def load_model(path, device='cpu', overrides=None, model_index=1):
     cfg = resolve_config(ckpt, overrides, path)
     model = Model(base=cfg['base_model'], last_stride=cfg['last_stride'],
                   local_conv_out_channels=cfg['local_conv_out_channels'], num_classes=None, pretrained=False)
-    model.base_name = cfg['base_model']
     load_into(model, ckpt['state'], path, ckpt['layout'], classifier='drop')
     return model.to(device).eval(), cfg
 
@@ -409,11 +406,7 @@ def load_model(path, device='cpu', overrides=None, model_index=1):
 def backbone_state(path):
     """The ResNet backbone weights (torchvision key names, no 'fc.*') of any file: a torchvision ResNet
     state dict, or any whole-model layout read_checkpoint recognises (its 'base.*' keys)."""
-    obj = load_file(path)
-    try:
-        sd, _, layout, _, _ = recognise(obj, path)
-    except CheckpointError:
-        raise
+    sd, _, layout, _, _ = recognise(load_file(path), path)
     state, _ = convert_state(sd)
     if any(k.startswith('base.') for k in state):
         other = [k for k in state if not k.startswith(('base.', 'local_', 'classifier.'))]

@@ -4,7 +4,6 @@ and a model in that code base's layout (local_conv with a bias, fc classifier)."
 import struct
 from collections import OrderedDict
 
-import numpy as np
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
@@ -232,6 +231,3 @@ def old_partitions_pickle(names_by_split):
            b'test_marks': [m for m in names_by_split['test_marks']]}
     return py2_dumps(obj)
 
-
-__all__ = ['py2_dumps', 'Global', 'Reduce', 'PersistentId', 'LegacyWriter', 'write_py2_torch_file',
-           'OldModel', 'randomized_old_model', 'old_state_dict', 'old_partitions_pickle', 'np']

@@ -2,7 +2,6 @@
 Python 2 files round-trip exactly, CUDA storages land on the CPU, a file whose pickle would run a
 command is refused without running it, and unreadable files get one line saying what they look like.
 Also the Python 2 partitions.pkl of the older reproduction through data.read_partitions."""
-import io
 import os
 import pickle
 import random

@@ -6,12 +6,11 @@ import os
 import sys
 from collections import OrderedDict
 
-import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
 
-from aligned_reid import checkpoint, data, evaluation
+from aligned_reid import checkpoint, data
 from aligned_reid.checkpoint import CheckpointError, load_model
 from aligned_reid.model import Model
 from aligned_reid.prepare import prepare_market_layout
@@ -267,7 +266,7 @@ def _our_checkpoint(exp, market, **arch):
 
 def test_stray_args_json_is_not_trusted_and_architecture_clash_is_one_line(market, tmp_path, capsys):
     exp = tmp_path / 'ours'
-    model = _our_checkpoint(exp, market)
+    _our_checkpoint(exp, market)
     # a failed run left an args.json saying resnet50: the checkpoint's own arguments win
     (exp / 'args.json').write_text(json.dumps({'base_model': 'resnet50', 'local_conv_out_channels': 64}))
     args = train_script.parse_args(['--exp_dir', str(exp), '--onlytest', 'true', '--device', 'cpu'])
