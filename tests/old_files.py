@@ -208,15 +208,18 @@ def old_state_dict(model):
     return OrderedDict((k, v) for k, v in model.state_dict().items() if not k.endswith('num_batches_tracked'))
 
 
+def old_s26_array(names):
+    """A numpy |S26 array of image names as Python 2 pickled it (builder objects for py2_dumps)."""
+    data = b''.join(n.encode().ljust(26, b'\0') for n in names)
+    dtype = Reduce(Global('numpy', 'dtype'), (b'S26', 0, 1), (3, b'|', None, None, None, 26, 1, 0))
+    return Reduce(Global('numpy.core.multiarray', '_reconstruct'), (Global('numpy', 'ndarray'), (0,), b'b'),
+                  (1, (len(names),), dtype, False, data))
+
+
 def old_partitions_pickle(names_by_split):
     """A partitions.pkl as the older code wrote it under Python 2 (protocol 2): numpy |S26 arrays for
     trainval image names, a list of numpy.string_ for the test names, int lists and dicts."""
-
-    def s26_array(names):
-        data = b''.join(n.encode().ljust(26, b'\0') for n in names)
-        dtype = Reduce(Global('numpy', 'dtype'), (b'S26', 0, 1), (3, b'|', None, None, None, 26, 1, 0))
-        return Reduce(Global('numpy.core.multiarray', '_reconstruct'), (Global('numpy', 'ndarray'), (0,), b'b'),
-                      (1, (len(names),), dtype, False, data))
+    s26_array = old_s26_array
 
     def string_(name):
         dtype = Reduce(Global('numpy', 'dtype'), (b'S26', 0, 1), (3, b'|', None, None, None, 26, 1, 0))

@@ -15,7 +15,7 @@ from aligned_reid.checkpoint import CheckpointError, load_model
 from aligned_reid.model import Model
 from aligned_reid.prepare import prepare_market_layout
 from aligned_reid.synthetic import render_market_tree
-from old_files import old_state_dict, randomized_old_model, write_py2_torch_file
+from old_files import old_s26_array, old_state_dict, py2_dumps, randomized_old_model, write_py2_torch_file
 from script_loader import REPO, load_script
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
@@ -335,10 +335,25 @@ def test_old_flags(market, tmp_path, capsys):
 
 # ----------------------------------------------------------------------------- the older code's folders
 
-def test_combined_set_in_trainval_images(tmp_path):
+def test_combined_set_in_trainval_images_trains(market, tmp_path):
+    # The older combine script's folder: trainval_images/ beside a Python 2 partitions.pkl with
+    # trainval keys only (names as numpy |S26 arrays).
     folder = tmp_path / 'combined'
     (folder / 'trainval_images').mkdir(parents=True)
+    parts = data.read_partitions(market['partitions'])
+    src = data.partitions_images_dir(market['partitions'])
+    for n in parts['trainval_im_names']:
+        os.link(os.path.join(src, n), folder / 'trainval_images' / n)
+    (folder / 'partitions.pkl').write_bytes(py2_dumps({
+        b'trainval_im_names': old_s26_array(parts['trainval_im_names']),
+        b'trainval_ids2labels': parts['trainval_ids2labels']}))
     assert data.partitions_images_dir(folder / 'partitions.pkl') == str(folder / 'trainval_images')
+    exp = tmp_path / 'exp'
+    args = train_script.parse_args(['--train_partitons', str(folder / 'partitions.pkl'), '--train_dataset', 'combined',
+                                    '--exp_dir', str(exp), '--ids_per_batch', '4', '--ims_per_id', '2',
+                                    '--total_epochs', '1', '--base_model', 'resnet18', '--pretrained', 'false'] + COMMON)
+    train_script.main(args)
+    assert checkpoint.load_file(exp / 'ckpt.pth')['epoch'] == 1
     (folder / 'images').mkdir()
     assert data.partitions_images_dir(folder / 'partitions.pkl') == str(folder / 'images')
 
