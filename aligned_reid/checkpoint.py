@@ -320,14 +320,21 @@ def load_into(model, state, source, layout, classifier='drop'):
     missing = [k for k in own if k not in state]
     unexpected = [k for k in state if k not in own]
     if missing or unexpected:
-        parts = []
+        parts, fixes = [], []
         if missing:
             parts.append('the model needs keys the file lacks: ' + _keys(missing))
+            if all(k.startswith('classifier.') for k in missing):
+                fixes.append('the ID classifier (-idlw > 0) is not in the file: train without -idlw, or start a '
+                             'new run from it with --model_weight_file (the classifier is then initialised anew)')
+            else:
+                fixes.append('the file is incomplete or holds another network: use the whole state dict of an '
+                             'AlignedReID model')
         if unexpected:
             parts.append('the file holds keys the model does not use: ' + _keys(unexpected))
-        raise CheckpointError('{} ({}): {}; the model is {} -- give the architecture flags the file was trained '
-                              'with (--base_model, --local_conv_out_channels, -idlw for a classifier)'.format(
-                                  source, layout, '; '.join(parts), _describe_model(model)))
+            fixes.append('these belong to another network or a variant not read here; the backbone and local '
+                         'channels are read from the weights, --last_stride and -idlw from the flags')
+        raise CheckpointError('{} ({}): {}; the model is {}. To fix: {}'.format(
+            source, layout, '; '.join(parts), _describe_model(model), '; '.join(fixes)))
     bad = [(k, tuple(state[k].shape), tuple(own[k].shape)) for k in own if state[k].shape != own[k].shape]
     if bad:
         raise CheckpointError('{} ({}): shapes differ from the model ({}): {}'.format(
