@@ -210,7 +210,8 @@ def recognise(obj, path, model_index=1):
         sds = list(obj['state_dicts'])
         models = [sd for sd in sds if _is_state_dict(sd)]
         optims = [sd for sd in sds if _is_optimizer_state(sd)]
-        if not models or len(models) + len(optims) != len(sds) or sds[:len(models)] != models:
+        in_order = all(_is_state_dict(sd) for sd in sds[:len(models)])  # models first, then optimizers
+        if not models or len(models) + len(optims) != len(sds) or not in_order:
             raise CheckpointError('{}: a dict with state_dicts, but its {} entries are not model state dicts '
                                   'followed by optimizer states'.format(path, len(sds)))
         epoch = obj.get('ep')
