@@ -87,7 +87,8 @@ class OldFlag(argparse.Action):
         super().__init__(*args, **kwargs)
 
     def __call__(self, parser, namespace, values, option_string=None):
-        parser.error('{} is a flag of the older reproduction, not used here: {}'.format(option_string, self.help))
+        parser.error('{} is a flag of the older reproduction, not used here: {}'.format(
+            option_string, self.help.split(' Default:')[0]))
 
 
 # ----------------------------------------------------------------------------- checkpoints

@@ -66,7 +66,7 @@ def build_parser():
                    help='last stride. Default: from the checkpoint, else 2')
     g.add_argument('--local_conv_out_channels', type=int, default=None,
                    help='local feature channels. Default: from the checkpoint, else 128')
-    g.add_argument('--resize_h_w', type=ints, nargs='+', default=None, metavar='H W',
+    g.add_argument('--resize_h_w', type=ints, nargs='+', default=None, metavar='SIZE',
                    help="input size: two integers, or the older reproduction's tuple '(256,128)'. Default: from "
                         'the checkpoint, else 256 128')
     g.add_argument('--normalize_feature', type=boolean, default=None,

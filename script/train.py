@@ -48,7 +48,7 @@ def build_parser():
                         '(train; periodic tests then use the validation split). Default: trainval')
     d.add_argument('--ids_per_batch', type=int, default=32, help='P, identities per batch. Default: 32')
     d.add_argument('--ims_per_id', type=int, default=4, help='K, images per identity. Default: 4')
-    d.add_argument('--resize_h_w', type=ints, nargs='+', default=[256, 128], metavar='H W',
+    d.add_argument('--resize_h_w', type=ints, nargs='+', default=[256, 128], metavar='SIZE',
                    help="input height and width: two integers, or the older reproduction's tuple '(256,128)'. "
                         'Default: 256 128')
     d.add_argument('--crop_prob', type=float, default=0., help='probability of a random crop. Default: 0')
