@@ -15,7 +15,10 @@ from torchvision import transforms as T
 
 from .augment import IMAGENET_MEAN, IMAGENET_STD, training_set_bytes
 
-FORMAT_VERSION = 1
+# 2: image numbers k count train, gallery, query, multi-query images in that order (the older
+# reproduction's), so one raw download gives the same images/ names in both; 1 counted query before
+# gallery. Files of either version are read alike.
+FORMAT_VERSION = 2
 # (image-name key, companion key, companion kind) for every split of the contract.
 SPLITS = (
     ("trainval_im_names", "trainval_ids2labels", "ids2labels"),
@@ -175,8 +178,13 @@ def write_partitions(obj, path):
 
 
 def partitions_images_dir(partitions_path):
-    """Images of a prepared dataset sit in `images/` beside its partitions.pkl."""
-    return os.path.join(os.path.dirname(os.path.abspath(os.fspath(partitions_path))), "images")
+    """Images of a prepared dataset sit in `images/` beside its partitions.pkl; the older
+    reproduction's combined training set keeps them in `trainval_images/`, used when `images/` is absent."""
+    folder = os.path.dirname(os.path.abspath(os.fspath(partitions_path)))
+    images = os.path.join(folder, "images")
+    if not os.path.isdir(images) and os.path.isdir(os.path.join(folder, "trainval_images")):
+        return os.path.join(folder, "trainval_images")
+    return images
 
 
 # ----------------------------------------------------------------------------- transforms

@@ -3,7 +3,6 @@ an aligned local branch (horizontal stripes -> 1x1 conv -> BN -> ReLU) and an op
 classifier."""
 import logging
 import os
-import pickle
 from collections import OrderedDict
 
 import torch
@@ -23,29 +22,6 @@ BACKBONES = {
 def _imagenet_weights(base):
     """torchvision's IMAGENET1K_V1 weights enum entry for `base`."""
     return getattr(torchvision.models, BACKBONES[base][1]).IMAGENET1K_V1
-
-
-def _extract_state_dict(obj, path):
-    """A backbone state dict from what torch.load returned: a plain state dict, or a
-    checkpoint dict holding one under 'state_dict' or 'model'; 'module.' (DataParallel /
-    DDP) prefixes are stripped, so are 'base.' prefixes of a whole saved `Model`."""
-    for key in ("state_dict", "model"):
-        if isinstance(obj, dict) and isinstance(obj.get(key), dict):
-            obj = obj[key]
-            break
-    if not isinstance(obj, dict) or not all(torch.is_tensor(v) for v in obj.values()):
-        raise ValueError(f"{path}: not a state dict of tensors, nor a checkpoint holding one "
-                         f"under 'state_dict' or 'model'")
-    state = OrderedDict()
-    for k, v in obj.items():
-        while k.startswith("module."):
-            k = k[len("module."):]
-        state[k] = v
-    if state and all(k.startswith("base.") for k in state if not k.startswith("local_")
-                     and not k.startswith("classifier")):
-        state = OrderedDict((k[len("base."):], v) for k, v in state.items()
-                            if k.startswith("base."))
-    return state
 
 
 class Model(nn.Module):
@@ -70,6 +46,7 @@ class Model(nn.Module):
             raise ValueError(f"Model: unknown base {base!r}; choose one of {sorted(BACKBONES)}")
         if last_stride not in (1, 2):
             raise ValueError(f"Model: last_stride must be 1 or 2, got {last_stride!r}")
+        self.base_name = base
         resnet = BACKBONES[base][0](weights=None)
         if last_stride == 1:
             block = resnet.layer4[0]
@@ -106,36 +83,43 @@ class Model(nn.Module):
             self._load_base_state(state, weights.url)
 
     def load_backbone(self, path):
-        """Load backbone weights from a local file (see the class docstring for the formats);
-        logs missing and unexpected keys and returns them as (missing, unexpected)."""
+        """Load backbone weights from a local file, read safely by aligned_reid.checkpoint (see the
+        class docstring for the formats). Every backbone key must be present and every key of the
+        file used (ImageNet 'fc.*', and the local branch / classifier of a whole model, excepted);
+        otherwise a ValueError names the keys."""
         if not os.path.isfile(path):
             raise FileNotFoundError(f"pretrained weights file not found: {path}")
-        try:
-            obj = torch.load(path, map_location="cpu", weights_only=True)
-        except pickle.UnpicklingError:
-            # Training checkpoints may also pickle args or RNG states; such a file is the
-            # user's own, so load it fully rather than refuse it.
-            logger.warning("%s holds more than tensors; loading it as a full pickle (only "
-                           "pass files you trust)", path)
-            obj = torch.load(path, map_location="cpu", weights_only=False)
-        return self._load_base_state(_extract_state_dict(obj, path), path)
+        # Deferred: checkpoint builds Models, so importing it at module level would be circular.
+        from aligned_reid.checkpoint import backbone_state
+        state, layout = backbone_state(path)
+        return self._load_base_state(state, f"{path} ({layout})")
 
     def _load_base_state(self, state, source):
         # The ImageNet classifier has no counterpart here; dropping it is expected, not news.
         state = OrderedDict((k, v) for k, v in state.items() if not k.startswith("fc."))
-        result = self.base.load_state_dict(state, strict=False)
-        loaded = len(state) - len(result.unexpected_keys)
-        if loaded == 0:
-            raise ValueError(f"{source}: no key matches the backbone (expected torchvision "
-                             f"ResNet keys such as 'conv1.weight', 'layer1.0.bn1.weight')")
-        logger.info("loaded %d backbone tensors from %s", loaded, source)
-        if result.missing_keys:
-            logger.warning("%s: %d backbone keys missing (left at initialisation): %s", source,
-                           len(result.missing_keys), ", ".join(result.missing_keys[:20]))
-        if result.unexpected_keys:
-            logger.warning("%s: %d unexpected keys ignored: %s", source,
-                           len(result.unexpected_keys), ", ".join(result.unexpected_keys[:20]))
-        return result.missing_keys, result.unexpected_keys
+        own = self.base.state_dict()
+        missing = [k for k in own if k not in state and not k.endswith("num_batches_tracked")]
+        unexpected = [k for k in state if k not in own]
+        if missing or unexpected:
+            def keys(ks):
+                return ", ".join(ks[:6]) + (f" ... ({len(ks)} in all)" if len(ks) > 6 else "")
+            raise ValueError(
+                f"{source}: does not fit the {self.base_name} backbone"
+                + (f"; missing: {keys(missing)}" if missing else "")
+                + (f"; unexpected: {keys(unexpected)}" if unexpected else "")
+                + " (expected torchvision ResNet keys such as 'conv1.weight', 'layer1.0.bn1.weight'; "
+                  "pick the matching --base_model)")
+        bad = [k for k in state if state[k].shape != own[k].shape]
+        if bad:
+            raise ValueError(f"{source}: shapes differ from the {self.base_name} backbone: "
+                             + "; ".join(f"{k} {tuple(state[k].shape)} vs {tuple(own[k].shape)}"
+                                         for k in bad[:4]))
+        for k in own:
+            if k not in state:  # num_batches_tracked of files older than torch 0.4.1
+                state[k] = own[k]
+        self.base.load_state_dict(state, strict=True)
+        logger.info("loaded %d backbone tensors from %s", len(state), source)
+        return [], []
 
     def forward(self, x):
         """x [N, 3, H, W] -> dict of 'global' [N, C], 'local' [N, h, c], 'logits' [N, K]."""

@@ -103,13 +103,20 @@ def _clear_save_dir(save_dir):
         os.remove(images)
 
 
+# The order in which k counts the images of one (id, camera): the older reproduction's (train, gallery,
+# query, multi-query), so that one raw download gives it and us the same images/ names (format version 2).
+NAMING_ORDER = {'trainval': 0, 'gallery': 1, 'query': 2, 'multi_query': 3}
+
+
 def assign_names(items):
-    """New name per item: make_im_name(pid, cam, k) with k counting per (pid, cam) in item order."""
+    """New name per item (returned in item order): make_im_name(pid, cam, k) with k counting per
+    (pid, cam) over the splits in NAMING_ORDER, in item order within a split."""
     counter = Counter()
-    names = []
-    for it in items:
+    names = [None] * len(items)
+    for i in sorted(range(len(items)), key=lambda i: NAMING_ORDER.get(items[i].split, len(NAMING_ORDER))):
+        it = items[i]
         key = (it.pid, it.cam)
-        names.append(make_im_name(it.pid, it.cam, counter[key]))
+        names[i] = make_im_name(it.pid, it.cam, counter[key])
         counter[key] += 1
     return names
 

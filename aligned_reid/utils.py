@@ -1,5 +1,6 @@
 """Helpers shared by the scripts: seeding, atomic checkpoints, RNG state capture, learning-rate
 schedules, logging, and the torch.distributed plumbing used under torchrun."""
+import argparse
 import datetime
 import io
 import json
@@ -62,6 +63,45 @@ def boolean(v):
     report 'invalid boolean value'."""
     return str2bool(v)
 
+def ints(token):
+    """argparse `type` taking an integer or the older reproduction's tuple syntax: '256' -> (256,),
+    '(256,128)' / '256,128' / '(101, 201,)' -> (256, 128) ... Used with nargs='+' and flat_ints."""
+    text = str(token).strip()
+    if text.startswith('(') and text.endswith(')') or text.startswith('[') and text.endswith(']'):
+        text = text[1:-1]
+    parts = [t.strip() for t in text.split(',') if t.strip()]
+    if not parts:
+        raise ValueError('expected integers, got {!r}'.format(token))
+    return tuple(int(t) for t in parts)
+
+
+def flat_ints(values):
+    """[(256,), (128,)] or [(256, 128)] (from nargs='+' with type ints) -> [256, 128]; lists of plain
+    ints (saved arguments) pass through."""
+    out = []
+    for v in values:
+        out.extend(v if isinstance(v, (tuple, list)) else [v])
+    return [int(v) for v in out]
+
+
+OLD_DEVICE_HELP = ('choose the GPUs with CUDA_VISIBLE_DEVICES=0,1 and --device cuda (or cuda:N); train on several '
+                   'with torchrun --nproc_per_node N. Default: none')
+OLD_RUN_HELP = 'keep repeated runs apart with --exp_dir DIR (one folder per run). Default: none'
+
+
+class OldFlag(argparse.Action):
+    """A flag of the older reproduction with no counterpart here: using it stops the parse with one
+    line naming what to use instead (the action's help). Nothing is stored, so it never reaches args.json."""
+
+    def __init__(self, *args, **kwargs):
+        kwargs.setdefault('default', argparse.SUPPRESS)
+        super().__init__(*args, **kwargs)
+
+    def __call__(self, parser, namespace, values, option_string=None):
+        parser.error('{} is a flag of the older reproduction, not used here: {}'.format(
+            option_string, self.help.split(' Default:')[0]))
+
+
 # ----------------------------------------------------------------------------- checkpoints
 
 def save_checkpoint(state, path):
@@ -94,13 +134,25 @@ def save_checkpoint(state, path):
 
 
 def load_checkpoint(path, map_location='cpu'):
-    """Reads a checkpoint written by save_checkpoint. FileNotFoundError names the path."""
-    if not os.path.isfile(path):
-        raise FileNotFoundError('checkpoint file not found: {}'.format(path))
-    try:
-        return torch.load(path, map_location=map_location, weights_only=False)
-    except TypeError:  # torch without the weights_only keyword
-        return torch.load(path, map_location=map_location)
+    """Reads a checkpoint written by save_checkpoint (or any torch file) through the safe reader
+    aligned_reid.checkpoint.load_file: no code from the file runs, tensors land on the CPU and are
+    then moved to `map_location` when it is another device. FileNotFoundError names the path;
+    aligned_reid.checkpoint.CheckpointError (a ValueError) says what an unreadable file looks like."""
+    from aligned_reid.checkpoint import load_file  # deferred: keeps torchvision out of `import utils`
+    obj = load_file(path)
+    if map_location is None or str(map_location) == 'cpu':
+        return obj
+    return _to_device(obj, torch.device(map_location))
+
+
+def _to_device(obj, device):
+    if torch.is_tensor(obj):
+        return obj.to(device)
+    if isinstance(obj, dict):
+        return type(obj)((k, _to_device(v, device)) for k, v in obj.items())
+    if isinstance(obj, (list, tuple)):
+        return type(obj)(_to_device(v, device) for v in obj)
+    return obj
 
 
 def get_rng_state():

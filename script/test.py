@@ -7,10 +7,11 @@ import numpy as np
 import torch
 
 from aligned_reid import checkpoint, data, utils
-from aligned_reid.utils import boolean
+from aligned_reid.utils import boolean, ints, OldFlag
 
 DISTANCES = {'global': ('global',), 'local': ('local',), 'global_local': ('global_local',),
              'all': ('global', 'local', 'global_local')}
+MODEL_FLAGS = checkpoint.MODEL_FLAGS
 
 
 def build_parser():
@@ -19,9 +20,9 @@ def build_parser():
                    help="accepted for the original's command line; test.py always only tests. Default: true")
     p.add_argument('--to_re_rank', type=boolean, default=True,
                    help='also report k-reciprocal re-ranked results (true/false). Default: true')
-    p.add_argument('--train_dataset', default='market1501',
-                   help='dataset the model was trained on: finds its experiment folder exp/train/<name>. '
-                        'Default: market1501')
+    p.add_argument('--train_dataset', '--dataset', dest='train_dataset', default='market1501',
+                   help='dataset the model was trained on: finds its experiment folder exp/train/<name> '
+                        "(--dataset, the older reproduction's name, is accepted). Default: market1501")
     p.add_argument('--test_dataset', default=None,
                    help='dataset to test on; names the default partitions path ~/Dataset/<name>/partitions.pkl. '
                         'Default: the train dataset')
@@ -32,7 +33,12 @@ def build_parser():
                    help='experiment folder of the trained model; results are written here. '
                         'Default: exp/train/<train_dataset> under the current folder')
     p.add_argument('--model_weight_file', default=None,
-                   help='checkpoint or bare state_dict to test. Default: <exp_dir>/ckpt.pth')
+                   help="checkpoint or weights to test: a train.py / train_ml.py checkpoint, a state dict, or the "
+                        "older reproduction's model_weight.pth / ckpt.pth (read safely: no code from the file runs). "
+                        'Default: <exp_dir>/ckpt.pth')
+    p.add_argument('--model_index', type=int, default=1,
+                   help='which model of a mutual-learning checkpoint to test (1-based; train_ml.py files and the '
+                        "older reproduction's [model1, model2, ..., optim1, ...] ckpt.pth). Default: 1")
     p.add_argument('--test_distance', choices=tuple(DISTANCES), default='global',
                    help='distance(s) to rank with: global, local, global_local (their sum) or all. Default: global')
     p.add_argument('--ap_mode', choices=('standard', 'market_official'), default='standard',
@@ -60,15 +66,27 @@ def build_parser():
                    help='last stride. Default: from the checkpoint, else 2')
     g.add_argument('--local_conv_out_channels', type=int, default=None,
                    help='local feature channels. Default: from the checkpoint, else 128')
-    g.add_argument('--resize_h_w', type=int, nargs=2, default=None, metavar=('H', 'W'),
-                   help='input size. Default: from the checkpoint, else 256 128')
+    g.add_argument('--resize_h_w', type=ints, nargs='+', default=None, metavar='SIZE',
+                   help="input size: two integers, or the older reproduction's tuple '(256,128)'. Default: from "
+                        'the checkpoint, else 256 128')
     g.add_argument('--normalize_feature', type=boolean, default=None,
                    help='L2-normalise features before distances. Default: from the checkpoint, else false')
+    old = p.add_argument_group("the older reproduction's flags with no counterpart here (each stops with a "
+                               'line naming what to use instead)')
+    old.add_argument('-d', '--sys_device_ids', action=OldFlag, nargs='?', help=utils.OLD_DEVICE_HELP)
+    old.add_argument('-r', '--run', action=OldFlag, nargs='?', help=utils.OLD_RUN_HELP)
     return p
 
 
 def check_args(parser, args):
     """Resolves default paths and stops with a message naming the flag on anything unusable."""
+    if args.resize_h_w is not None:
+        args.resize_h_w = utils.flat_ints(args.resize_h_w)
+        if len(args.resize_h_w) != 2 or min(args.resize_h_w) < 16:
+            parser.error("--resize_h_w takes a height and a width of at least 16 (256 128, or '(256,128)'), got "
+                         '{}'.format(' '.join(map(str, args.resize_h_w))))
+    if args.model_index < 1:
+        parser.error('--model_index must be at least 1 (models are counted from 1), got {}'.format(args.model_index))
     if args.test_dataset is None:
         args.test_dataset = args.train_dataset
     if args.test_partitions is None:
@@ -104,16 +122,16 @@ def parse_args(argv=None):
 
 
 def load_model(path, args, device):
-    """The model of a checkpoint or bare state_dict, through aligned_reid.checkpoint.load_model; the model
-    flags given on the command line win over the saved ones. Returns (model, resolved settings)."""
-    flags = ('base_model', 'last_stride', 'local_conv_out_channels', 'resize_h_w', 'normalize_feature')
-    return checkpoint.load_model(path, device=device, overrides={k: getattr(args, k) for k in flags})
+    """The Model of `path` (any layout aligned_reid.checkpoint reads) with the settings it was trained with;
+    command-line model flags win. Returns (model in eval mode on `device`, settings dict with mean / std)."""
+    return checkpoint.load_model(path, device=device, overrides={k: getattr(args, k) for k in MODEL_FLAGS},
+                                 model_index=args.model_index)
 
 
 def evaluate(model, partitions, im_dir, cfg, args, device):
     """Extracts test-split features and evaluates them. Returns (features, results, table)."""
     from aligned_reid import evaluation
-    transform = data.build_transform(tuple(cfg['resize_h_w']), train=False)
+    transform = data.build_transform(tuple(cfg['resize_h_w']), train=False, mean=cfg['mean'], std=cfg['std'])
     loader = data.make_test_loader(im_dir, partitions['test_im_names'], partitions['test_marks'], transform,
                                    batch_size=args.test_batch_size, workers=args.workers,
                                    pin_memory=device.type == 'cuda')
@@ -148,15 +166,16 @@ def draw(feats, results, partitions, im_dir, args, cfg):
 
 
 def main(args):
-    logger = utils.setup_logging(os.path.join(args.exp_dir, 'test.log'))
     device = torch.device(args.device)
-    model, cfg = load_model(args.model_weight_file, args, device)
+    model, cfg = load_model(args.model_weight_file, args, device)  # read and recognised before anything is written
+    logger = utils.setup_logging(os.path.join(args.exp_dir, 'test.log'))
     partitions = data.read_partitions(args.test_partitions)
     if 'test_im_names' not in partitions:
         raise SystemExit('test.py: {} has no test split (a combined training set?)'.format(args.test_partitions))
     im_dir = data.partitions_images_dir(args.test_partitions)
-    logger.info('testing %s (%s) on %s (%s)', args.model_weight_file, cfg['base_model'], args.test_dataset,
-                args.test_partitions)
+    logger.info('testing %s (%s, %s; input %d x %d, mean %s, std %s) on %s (%s)', args.model_weight_file,
+                cfg['layout'], cfg['base_model'], cfg['resize_h_w'][0], cfg['resize_h_w'][1], cfg['mean'], cfg['std'],
+                args.test_dataset, args.test_partitions)
     feats, results, table = evaluate(model, partitions, im_dir, cfg, args, device)
     logger.info('train %s -> test %s, %s distance%s:\n%s', args.train_dataset, args.test_dataset,
                 args.test_distance, ', multi-query ' + args.multi_query if args.multi_query != 'none' else '',

@@ -14,9 +14,9 @@ import torch
 from torch.nn.parallel import DistributedDataParallel
 from tqdm import tqdm
 
-from aligned_reid import data, utils
+from aligned_reid import checkpoint, data, utils
 from aligned_reid.augment import Augment
-from aligned_reid.utils import boolean
+from aligned_reid.utils import boolean, ints, OldFlag
 from aligned_reid.loss import compute_losses
 from aligned_reid.model import Model
 
@@ -37,10 +37,10 @@ SCALAR_GROUPS = {
 def build_parser():
     p = argparse.ArgumentParser(description=__doc__)
     d = p.add_argument_group('data')
-    d.add_argument('--train_dataset', default='market1501',
+    d.add_argument('--train_dataset', '--dataset', dest='train_dataset', default='market1501',
                    help='dataset name; sets the default partitions path ~/Dataset/<name>/partitions.pkl and '
                         'experiment folder exp/train/<name> (one of {}; any name when a partitions file is '
-                        'given). Default: market1501'.format(', '.join(utils.DATASET_DIRS)))
+                        "given; --dataset, the older reproduction's name, is accepted). Default: market1501".format(', '.join(utils.DATASET_DIRS)))
     d.add_argument('--train_partitons', '--train_partitions', dest='train_partitions', default=None,
                    help='partitions.pkl of the training set (the original spelling and the correct one are '
                         'both accepted). Default: ~/Dataset/<train_dataset>/partitions.pkl')
@@ -49,8 +49,9 @@ def build_parser():
                         '(train; periodic tests then use the validation split). Default: trainval')
     d.add_argument('--ids_per_batch', type=int, default=32, help='P, identities per batch. Default: 32')
     d.add_argument('--ims_per_id', type=int, default=4, help='K, images per identity. Default: 4')
-    d.add_argument('--resize_h_w', type=int, nargs=2, default=[256, 128], metavar=('H', 'W'),
-                   help='input height and width. Default: 256 128')
+    d.add_argument('--resize_h_w', type=ints, nargs='+', default=[256, 128], metavar='SIZE',
+                   help="input height and width: two integers, or the older reproduction's tuple '(256,128)'. "
+                        'Default: 256 128')
     d.add_argument('--crop_prob', type=float, default=0., help='probability of a random crop. Default: 0')
     d.add_argument('--crop_ratio', type=float, default=1., help='side ratio of the random crop. Default: 1')
     d.add_argument('--random_erasing', type=float, default=0.,
@@ -75,7 +76,15 @@ def build_parser():
                    help='start from torchvision ImageNet weights (true/false; needs them downloaded or cached). '
                         'Default: true')
     m.add_argument('--pretrained_path', default=None,
-                   help='load backbone weights from this file instead of downloading. Default: none')
+                   help='load backbone weights from this file instead of downloading: a torchvision ResNet state '
+                        "dict, or the backbone of any whole-model file --model_weight_file reads. Default: none")
+    m.add_argument('--model_weight_file', default=None,
+                   help='weights of a whole model to start training from (a train.py / train_ml.py checkpoint, a '
+                        "state dict, or the older reproduction's model_weight.pth / ckpt.pth; the architecture "
+                        'is read from the weights), or, with --onlytest true, to test. Default: none')
+    m.add_argument('--model_index', type=int, default=1,
+                   help='which model of a mutual-learning checkpoint --model_weight_file / --onlytest use '
+                        '(1-based). Default: 1')
 
     l = p.add_argument_group('loss')
     l.add_argument('--normalize_feature', type=boolean, default=False,
@@ -83,8 +92,8 @@ def build_parser():
                         'distances (true/false). Default: false')
     l.add_argument('-gm', '--global_margin', type=float, default=0.3, help='global triplet margin. Default: 0.3')
     l.add_argument('-lm', '--local_margin', type=float, default=0.3, help='local triplet margin. Default: 0.3')
-    l.add_argument('-glw', '--global_loss_weight', type=float, default=1., help='global loss weight. Default: 1')
-    l.add_argument('-llw', '--local_loss_weight', type=float, default=0., help='local loss weight. Default: 0')
+    l.add_argument('-glw', '--global_loss_weight', '--g_loss_weight', dest='global_loss_weight', type=float, default=1., help='global loss weight. Default: 1')
+    l.add_argument('-llw', '--local_loss_weight', '--l_loss_weight', dest='local_loss_weight', type=float, default=0., help='local loss weight. Default: 0')
     l.add_argument('-idlw', '--id_loss_weight', type=float, default=0.,
                    help='identity (softmax) loss weight. Default: 0')
     l.add_argument('--local_dist_own_hard_sample', type=boolean, default=False,
@@ -98,8 +107,9 @@ def build_parser():
                    help='learning-rate schedule, set at the start of each (1-based) epoch. Default: exp')
     o.add_argument('--exp_decay_at_epoch', type=int, default=151,
                    help='exp: the epoch at which exponential decay to 1e-3 x base_lr begins. Default: 151')
-    o.add_argument('--staircase_decay_at_epochs', type=int, nargs='+', default=[101, 201],
-                   help='staircase: epochs at which the rate is multiplied by the factor. Default: 101 201')
+    o.add_argument('--staircase_decay_at_epochs', type=ints, nargs='+', default=[101, 201],
+                   help="staircase: epochs at which the rate is multiplied by the factor (or the older "
+                        "reproduction's tuple '(101,201,)'). Default: 101 201")
     o.add_argument('--staircase_decay_multiply_factor', type=float, default=0.1,
                    help='staircase: the factor. Default: 0.1')
     o.add_argument('--total_epochs', type=int, default=300, help='epochs to train. Default: 300')
@@ -121,6 +131,12 @@ def build_parser():
     r.add_argument('--deterministic', type=boolean, default=False,
                    help='deterministic algorithms and cuDNN settings (true/false), so that resuming on a GPU is '
                         'exact too; slower on CUDA (no cuDNN autotuning, deterministic kernels). Default: false')
+    r.add_argument('--set_seed', type=boolean, default=None,
+                   help="the older reproduction's flag, accepted: true means --seed 1; runs here are always "
+                        'seeded (--seed), so false changes nothing. Default: none')
+    r.add_argument('--log_to_file', type=boolean, default=None,
+                   help="the older reproduction's flag, accepted: train.log in the experiment folder is always "
+                        'written. Default: none')
     r.add_argument('--device', default=None,
                    help="'cpu', 'cuda' or 'cuda:N'. Default: cuda when available, else cpu")
     r.add_argument('--epochs_per_test', type=int, default=0,
@@ -135,6 +151,10 @@ def build_parser():
                    help='AP formula of the tests. Default: standard')
     r.add_argument('--steps_per_log', type=int, default=0,
                    help='also log running statistics every N steps; 0 logs per epoch only. Default: 0')
+    old = p.add_argument_group("the older reproduction's flags with no counterpart here (each stops with a line "
+                               'naming what to use instead)')
+    old.add_argument('-d', '--sys_device_ids', action=OldFlag, nargs='?', help=utils.OLD_DEVICE_HELP)
+    old.add_argument('-r', '--run', action=OldFlag, nargs='?', help=utils.OLD_RUN_HELP)
     return p
 
 
@@ -152,7 +172,7 @@ def resolve_paths(args):
 
 
 # Flags that describe this machine or this invocation, never taken from a resumed run's saved arguments.
-NOT_RESTORED = ('resume', 'onlytest', 'exp_dir', 'device', 'workers')
+NOT_RESTORED = ('resume', 'onlytest', 'exp_dir', 'device', 'workers', 'model_weight_file', 'model_index', 'model_file')
 
 
 def explicit_dests(argv, builder=None):
@@ -164,25 +184,59 @@ def explicit_dests(argv, builder=None):
     return set(vars(quiet.parse_known_args(argv)[0]))
 
 
+ARCH_FLAGS = ('base_model', 'local_conv_out_channels')
+
+
+def read_model_file(parser, flag, path, model_index):
+    """aligned_reid.checkpoint.read_checkpoint, with a failure turned into one line naming the flag."""
+    try:
+        return checkpoint.read_checkpoint(path, model_index)
+    except (ValueError, OSError) as e:
+        parser.error('{}: {}'.format(flag, e))
+
+
+def fit_architecture(parser, args, explicit, info, flag):
+    """Takes --base_model / --local_conv_out_channels from the weights; one given on the command line that
+    contradicts them stops here, before a model is built."""
+    for k in ARCH_FLAGS:
+        if k in explicit and getattr(args, k) != info[k]:
+            parser.error('--{} {}: {} {} holds a model with {} {} ({}); drop the flag'.format(
+                k, getattr(args, k), flag, info['path'], k, info[k], info['layout']))
+        setattr(args, k, info[k])
+
+
 def restore_saved_args(parser, args, explicit):
-    """--resume / --onlytest: every flag not given on the command line takes the value saved by the run
-    in the experiment folder, so `python train.py --resume true` continues that run as it was set up."""
+    """--resume / --onlytest: reads and recognises the checkpoint of the experiment folder (or, with
+    --onlytest, --model_weight_file) before anything is written, then gives every flag not given on the
+    command line the value saved inside that checkpoint (not a loose args.json, which a failed run may
+    have left), so `python train.py --resume true` continues that run as it was set up. The older
+    reproduction's ckpt.pth can be tested; it cannot be resumed (no saved arguments, RNG states)."""
     flag = '--resume' if args.resume else '--onlytest'
     exp_dir = os.path.abspath(os.path.expanduser(args.exp_dir or utils.default_exp_dir(args.train_dataset)))
     ckpt = os.path.join(exp_dir, 'ckpt.pth')
-    if not os.path.isfile(ckpt):
+    if args.onlytest and not args.resume and args.model_weight_file:
+        ckpt, flag = os.path.abspath(os.path.expanduser(args.model_weight_file)), '--model_weight_file'
+    elif not os.path.isfile(ckpt):
         parser.error('{} true: no checkpoint at {} (train first, or point --exp_dir / --train_dataset at '
                      'the run)'.format(flag, ckpt))
-    saved_path = os.path.join(exp_dir, 'args.json')
-    try:
-        with open(saved_path) as f:
-            saved = json.load(f)
-    except (OSError, ValueError):
-        saved = dict(utils.load_checkpoint(ckpt).get('args') or {})
-    for k, v in saved.items():
+    info = read_model_file(parser, flag, ckpt, args.model_index)
+    info['path'] = ckpt
+    if args.resume and not info['args']:
+        parser.error('--resume true: {} is {}: it holds no saved arguments nor optimizer and RNG states of this '
+                     'code, so it cannot be resumed exactly; test it with --onlytest true, or start a new run '
+                     'from its weights with --model_weight_file {} --exp_dir NEW_FOLDER'.format(
+                         ckpt, info['layout'], ckpt))
+    for k, v in info['args'].items():
         if k in NOT_RESTORED or k in explicit or not hasattr(args, k):
             continue
         setattr(args, k, v)
+    if args.resume and 'last_stride' in explicit and args.last_stride != info['args'].get('last_stride', 2):
+        parser.error('--last_stride {}: the run in {} was trained with --last_stride {}; drop the flag'.format(
+            args.last_stride, exp_dir, info['args'].get('last_stride', 2)))
+    fit_architecture(parser, args, explicit, info, flag)
+    cfg = checkpoint.resolve_config(info)
+    args.mean, args.std = cfg['mean'], cfg['std']
+    args.model_file = ckpt
     args.exp_dir = exp_dir
     return args
 
@@ -190,8 +244,26 @@ def restore_saved_args(parser, args, explicit):
 def check_args(parser, args, explicit=()):
     """Stops at once, naming the flag, on combinations that cannot run. Returns args with paths filled.
     `explicit`: names given on the command line (they win over a resumed run's saved arguments)."""
+    args.resize_h_w = utils.flat_ints(args.resize_h_w)
+    if len(args.resize_h_w) != 2:
+        parser.error("--resize_h_w takes a height and a width (256 128, or '(256,128)'), got {}".format(
+            ' '.join(map(str, args.resize_h_w))))
+    args.staircase_decay_at_epochs = utils.flat_ints(args.staircase_decay_at_epochs)
+    if args.model_index < 1:
+        parser.error('--model_index must be at least 1 (models are counted from 1), got {}'.format(args.model_index))
+    if args.set_seed and 'seed' not in explicit:
+        args.seed = 1
+    # The normalisation the weights are trained and tested with, saved with them (the older reproduction's
+    # differs; restore_saved_args takes a checkpoint's).
+    args.mean, args.std = list(data.IMAGENET_MEAN), list(data.IMAGENET_STD)
+    args.model_file = None
     if args.resume or args.onlytest:
         restore_saved_args(parser, args, explicit)
+    elif args.model_weight_file is not None:
+        info = read_model_file(parser, '--model_weight_file', args.model_weight_file, args.model_index)
+        info['path'] = args.model_weight_file
+        fit_architecture(parser, args, explicit, info, '--model_weight_file')
+        args.model_file = os.path.abspath(args.model_weight_file)
     if args.train_partitions is None and args.train_dataset not in utils.DATASET_DIRS:
         parser.error('--train_dataset {!r} is unknown: choose one of {} or give --train_partitons'.format(
             args.train_dataset, ', '.join(utils.DATASET_DIRS)))
@@ -423,7 +495,8 @@ def evaluate(model, partitions, im_dir, split, args, device, distances=('global'
     """Extracts features of `split` ('test' or 'val') with the bare model and evaluates them.
     Returns (results dict from aligned_reid.evaluation.evaluate, printable table)."""
     from aligned_reid import evaluation
-    transform = data.build_transform(tuple(args.resize_h_w), train=False)
+    transform = data.build_transform(tuple(args.resize_h_w), train=False, mean=getattr(args, 'mean', data.IMAGENET_MEAN),
+                                     std=getattr(args, 'std', data.IMAGENET_STD))
     loader = data.make_test_loader(im_dir, partitions[split + '_im_names'], partitions[split + '_marks'],
                                    transform, batch_size=args.test_batch_size, workers=args.workers,
                                    pin_memory=device.type == 'cuda')
@@ -522,7 +595,7 @@ def build_train_data(args, rank, world, device, logger):
     part = args.trainset_part
     names = partitions[part + '_im_names']
     augment = Augment(tuple(args.resize_h_w), crop_prob=args.crop_prob, crop_ratio=args.crop_ratio,
-                      random_erasing=args.random_erasing, seed=args.seed)
+                      random_erasing=args.random_erasing, seed=args.seed, mean=args.mean, std=args.std)
     pipeline, store = data.choose_train_pipeline(args.train_pipeline, device, len(names), args.resize_h_w)
     t0 = time.perf_counter()
     loader = data.make_train_loader(im_dir, names, partitions[part + '_ids2labels'], args.ids_per_batch,
@@ -546,7 +619,7 @@ def build_train_data(args, rank, world, device, logger):
 def build_model(args, num_classes, device):
     """The Model the flags describe, on `device`. A resumed or tested model gets every weight from its
     checkpoint, so it skips the ImageNet weights (and works offline)."""
-    from_ckpt = args.resume or args.onlytest
+    from_ckpt = args.resume or args.onlytest or bool(getattr(args, 'model_file', None))
     try:
         model = Model(base=args.base_model, last_stride=args.last_stride,
                       local_conv_out_channels=args.local_conv_out_channels,
@@ -556,7 +629,25 @@ def build_model(args, num_classes, device):
     except RuntimeError as e:  # ImageNet weights unreachable: say which flags help, no traceback
         raise SystemExit('{}: --pretrained true: {} To train from scratch instead, pass --pretrained false.'
                          .format(os.path.basename(sys.argv[0]), e))
+    except ValueError as e:  # a --pretrained_path file that is unreadable or does not fit the backbone
+        raise SystemExit('{}: --pretrained_path: {}'.format(os.path.basename(sys.argv[0]), e))
     return model.to(device)
+
+
+def load_model_file(args, model, logger):
+    """Loads the weights of args.model_file (the checkpoint resumed or tested, or --model_weight_file to start
+    from), checked key by key by aligned_reid.checkpoint.load_into; a file that does not fit stops the run with
+    one line. Returns the whole object the file holds (optimizer and RNG states of a checkpoint of ours)."""
+    name = os.path.basename(sys.argv[0]) or 'train.py'
+    try:
+        info = checkpoint.read_checkpoint(args.model_file, args.model_index)
+        notes = checkpoint.load_into(model, info['state'], args.model_file, info['layout'],
+                                     classifier='drop' if args.resume or args.onlytest else 'new')
+    except (ValueError, OSError) as e:
+        raise SystemExit('{}: {}'.format(name, e))
+    logger.info('weights from %s (%s)%s', args.model_file, info['layout'],
+                ''.join('; ' + n for n in info['notes'] + notes))
+    return info['object']
 
 
 def epoch_lr(args, epoch):
@@ -590,11 +681,15 @@ def main(args, compute=None):
     # resume
     ckpt_path = os.path.join(args.exp_dir, 'ckpt.pth')
     start_epoch, start_step, best = 0, 0, None
-    if args.resume or args.onlytest:
-        state = utils.load_checkpoint(ckpt_path, map_location='cpu')
-        bare(model).load_state_dict(state['model'])
+    if args.model_file:
+        state = load_model_file(args, bare(model), logger)
         if args.resume:
-            optimizer.load_state_dict(state['optimizer'])
+            try:
+                optimizer.load_state_dict(state['optimizer'])
+            except (KeyError, ValueError) as e:
+                raise SystemExit('train.py: --resume true: the optimizer state of {} does not fit this model ({}); '
+                                 'keep the run\'s flags (-idlw, --base_model) or use another --exp_dir'.format(
+                                     ckpt_path, e))
             if scaler is not None and state.get('scaler'):
                 scaler.load_state_dict(state['scaler'])
             start_epoch, start_step, best = state['epoch'], state.get('step_in_epoch', 0), state.get('best_metric')

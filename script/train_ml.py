@@ -1,6 +1,7 @@
 """Mutual learning (AlignedReID section 3.3, Zhang et al. "Deep Mutual Learning"): two models trained
 together on the same P x K batches, each pulled towards the other's class probabilities and distances.
 Flags as script/train.py, plus the mutual-loss weights -pmlw, -gdmlw, -ldmlw."""
+import argparse
 import os
 import sys
 
@@ -19,13 +20,18 @@ def build_parser():
     p = single.build_parser()
     p.description = __doc__
     m = p.add_argument_group('mutual learning')
-    m.add_argument('-pmlw', '--prob_mutual_loss_weight', type=float, default=0.,
+    m.add_argument('-pmlw', '--prob_mutual_loss_weight', '--pm_loss_weight', dest='prob_mutual_loss_weight', type=float, default=0.,
                    help='weight of the KL divergence to the partner\'s class probabilities (needs -idlw > 0). '
                         'Default: 0')
-    m.add_argument('-gdmlw', '--global_dist_mutual_loss_weight', type=float, default=0.,
+    m.add_argument('-gdmlw', '--global_dist_mutual_loss_weight', '--gdm_loss_weight',
+                   dest='global_dist_mutual_loss_weight', type=float, default=0.,
                    help='weight of the squared difference to the partner\'s global distance matrix. Default: 0')
-    m.add_argument('-ldmlw', '--local_dist_mutual_loss_weight', type=float, default=0.,
+    m.add_argument('-ldmlw', '--local_dist_mutual_loss_weight', '--ldm_loss_weight',
+                   dest='local_dist_mutual_loss_weight', type=float, default=0.,
                    help='weight of the squared difference to the partner\'s local distance matrix. Default: 0')
+    m.add_argument('--num_models', type=int, default=NUM_MODELS,
+                   help="the older reproduction's flag, accepted with its one value here: this script trains {} "
+                        'models. Default: {}'.format(NUM_MODELS, NUM_MODELS))
     for action in p._actions:
         if action.dest == 'exp_dir':
             action.help = ('experiment folder. Default: exp/train_ml/<train_dataset> under the current folder')
@@ -39,6 +45,9 @@ def parse_args(argv=None):
     if args.exp_dir is None:
         args.exp_dir = os.path.join('exp', 'train_ml', args.train_dataset)
     args = single.check_args(parser, args, single.explicit_dests(argv, build_parser))
+    if args.num_models != NUM_MODELS:
+        parser.error('--num_models {}: train_ml.py trains {} models; for one, use train.py'.format(
+            args.num_models, NUM_MODELS))
     for flag in ('prob_mutual_loss_weight', 'global_dist_mutual_loss_weight', 'local_dist_mutual_loss_weight'):
         if getattr(args, flag) < 0:
             parser.error('--{} must not be negative, got {}'.format(flag, getattr(args, flag)))
@@ -143,10 +152,13 @@ def main(args):
     # resume
     ckpt_path = os.path.join(args.exp_dir, 'ckpt.pth')
     start_epoch, start_step = 0, 0
-    if args.resume or args.onlytest:
-        state = utils.load_checkpoint(ckpt_path)
-        for m, sd in zip(models, state['models']):
-            m.load_state_dict(sd)
+    if args.model_file:
+        # model i of a mutual-learning file (ours or the older reproduction's) for model i here; a
+        # --model_weight_file to start from gives both models its --model_index model.
+        resumed = args.resume or args.onlytest
+        for i, m in enumerate(models):
+            args_i = argparse.Namespace(**dict(vars(args), model_index=i + 1 if resumed else args.model_index))
+            state = single.load_model_file(args_i, m, logger)
         if args.resume:
             for o, sd in zip(optimizers, state['optimizers']):
                 o.load_state_dict(sd)

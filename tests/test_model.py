@@ -83,16 +83,19 @@ def test_pretrained_file_loads_exactly(tmp_path, wrap, caplog):
     assert "missing" not in caplog.text and "unexpected" not in caplog.text
 
 
-def test_pretrained_file_reports_missing_and_unexpected(tmp_path, caplog):
+def test_pretrained_file_with_missing_or_unexpected_keys_is_refused(tmp_path):
+    # No silent partial load: a missing backbone key or a key nothing uses stops with both named.
     state = randomized_resnet18().state_dict()
     del state["layer4.1.bn2.weight"]
     state["extra.weight"] = torch.zeros(3)
     path = tmp_path / "partial.pth"
     torch.save(state, path)
-    with caplog.at_level(logging.WARNING):
-        model = Model("resnet18", pretrained_path=str(path))
-    assert "layer4.1.bn2.weight" in caplog.text and "extra.weight" in caplog.text
-    assert torch.equal(model.base.state_dict()["conv1.weight"], state["conv1.weight"])
+    with pytest.raises(ValueError, match="partial.pth") as err:
+        Model("resnet18", pretrained_path=str(path))
+    assert "missing: layer4.1.bn2.weight" in str(err.value)
+    assert "unexpected: extra.weight" in str(err.value)
+    with pytest.raises(ValueError, match="does not fit the resnet50 backbone"):
+        Model("resnet50", pretrained_path=str(path))
 
 
 def test_pretrained_errors(tmp_path, monkeypatch):
@@ -100,7 +103,7 @@ def test_pretrained_errors(tmp_path, monkeypatch):
         Model("resnet18", pretrained_path=str(tmp_path / "nowhere.pth"))
     wrong = tmp_path / "wrong.pth"
     torch.save({"foo.weight": torch.zeros(2)}, wrong)
-    with pytest.raises(ValueError, match="no key matches"):
+    with pytest.raises(ValueError, match="does not fit the resnet18 backbone"):
         Model("resnet18", pretrained_path=str(wrong))
     with pytest.raises(ValueError, match="resnet152"):
         Model("resnet152")

@@ -85,17 +85,21 @@ def expected_from_raw(files):
     for rel in sorted(files, key=lambda r: (r.split('/')[0], r.split('/')[1])):
         by_sub[rel.split('/')[0]].append(rel)
     queries = {pid_cam(r) for r in by_sub['query']}
+    # k counts per (id, camera) over train, gallery, query, gt_bbox (the older reproduction's order,
+    # format version 2); the test split lists query, gallery, multi-query.
     count = defaultdict(int)
-    ref = {'trainval': [], 'test': []}
-    for sub, split, mark in (('bounding_box_train', 'trainval', None), ('query', 'test', 0),
-                             ('bounding_box_test', 'test', 1), ('gt_bbox', 'test', 2)):
+    named = {}
+    for sub in ('bounding_box_train', 'bounding_box_test', 'query', 'gt_bbox'):
         for rel in by_sub[sub]:
             pid, cam = pid_cam(rel)
             if pid == -1 or (sub == 'gt_bbox' and (pid, cam) not in queries):
                 continue
-            name = '%08d_%04d_%08d.jpg' % (pid, cam, count[pid, cam])
+            named[rel] = '%08d_%04d_%08d.jpg' % (pid, cam, count[pid, cam])
             count[pid, cam] += 1
-            ref[split].append((name, mark, files[rel]))
+    ref = {'trainval': [], 'test': []}
+    for sub, split, mark in (('bounding_box_train', 'trainval', None), ('query', 'test', 0),
+                             ('bounding_box_test', 'test', 1), ('gt_bbox', 'test', 2)):
+        ref[split] += [(named[rel], mark, files[rel]) for rel in by_sub[sub] if rel in named]
     return ref
 
 

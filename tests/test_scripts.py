@@ -408,7 +408,7 @@ def test_test_script_bad_input(world, tmp_path, capsys):
     assert 'argument --test_distance: invalid choice' in _parse_error(test_script, ['--test_distance', 'l1'], capsys)
     args = test_script.parse_args(['--model_weight_file', str(weights), '--test_partitons', world['market'],
                                    '--exp_dir', none, '--base_model', 'resnet18'])
-    with pytest.raises(ValueError, match='weights do not fit a resnet18 model'):
+    with pytest.raises(ValueError, match='keys describe no supported backbone'):
         test_script.load_model(args.model_weight_file, args, torch.device('cpu'))
 
 
