@@ -134,7 +134,7 @@ def bench_search(args, Q, G):
           f'{time.perf_counter() - t:.0f} s), top-{args.top_k}, {torch.get_num_threads()} torch threads:')
     Qe = Q if args.exact_queries is None or G <= 100000 else min(Q, args.exact_queries)
     t = time.perf_counter()
-    index, _ = inference.topk_search({'global': q[:Qe]}, {'global': g}, k=args.top_k)
+    index, _ = distance.topk_search({'global': q[:Qe]}, {'global': g}, k=args.top_k)
     exact_s = (time.perf_counter() - t) * Q / Qe
     note = '' if Qe == Q else f' (measured on {Qe:,} queries, x {Q / Qe:.0f} extrapolated)'
     print(f'  exact blocked top-k            {exact_s:9.1f} s{note}')
@@ -163,7 +163,7 @@ def bench_search(args, Q, G):
         idx.nprobe = args.faiss_nprobe
     t = time.perf_counter()
     short = idx.search(q, args.shortlist)[1].astype(np.int64)
-    rescored, _ = inference.rerank_shortlist({'global': q}, {'global': g}, short, k=args.top_k)
+    rescored, _ = distance.rerank_shortlist({'global': q}, {'global': g}, short, k=args.top_k)
     search_s = time.perf_counter() - t
     recall_short = np.mean([len(set(index[i]) & set(short[i])) / args.top_k for i in range(Qe)])
     recall_top = np.mean([len(set(index[i]) & set(rescored[i])) / args.top_k for i in range(Qe)])

@@ -11,6 +11,7 @@ import torch
 from PIL import Image
 
 from aligned_reid import data, evaluation, inference
+from aligned_reid import distance as dist_lib
 from aligned_reid.model import Model
 from aligned_reid.synthetic import make_camera, make_identity, render_image
 from script_loader import load_script
@@ -291,9 +292,9 @@ def test_sort_keys_rank_like_a_stable_argsort():
     vals = rng.choice(np.array([-2.5, -1e-30, -0., 0., 1e-30, 0.5, 0.5, 3., np.inf], dtype=np.float32),
                       size=(5, 40))
     idx = torch.arange(40).expand(5, 40)
-    keys = inference._sort_keys(torch.from_numpy(vals), idx)
+    keys = dist_lib._sort_keys(torch.from_numpy(vals), idx)
     order = torch.topk(keys, 17, dim=1, largest=False).values
-    dist, index = inference._unpack_keys(order)
+    dist, index = dist_lib._unpack_keys(order)
     # -0. and 0. are equal: compare against the stable argsort of the values with -0. made 0.
     want = np.argsort(vals + np.float32(0.), axis=1, kind='stable')[:, :17]
     np.testing.assert_array_equal(index.numpy(), want)
@@ -310,7 +311,7 @@ def test_topk_search_equals_brute_force_ranking(distance):
     ref = _brute(q, g, distance)
     want = np.argsort(ref, axis=1, kind='stable')
     for k, qb, gb in ((5, 2, 4), (23, 4, 7), (40, None, None), (1, 9, 23)):
-        index, dist = inference.topk_search(q, g, k=k, distance=distance, query_block=qb, gallery_block=gb)
+        index, dist = dist_lib.topk_search(q, g, k=k, distance=distance, query_block=qb, gallery_block=gb)
         kk = min(k, 23)
         assert index.shape == dist.shape == (9, kk)
         np.testing.assert_array_equal(index, want[:, :kk])
@@ -326,9 +327,9 @@ def test_topk_search_normalized_and_from_hdf5(tmp_path):
         f['global'] = gal
     ref = _brute_global(q['global'], gal, normalize=True)
     with h5py.File(str(path), 'r') as f:
-        index, dist = inference.topk_search(q, {'global': f['global']}, k=6, normalize=True, gallery_block=8)
+        index, dist = dist_lib.topk_search(q, {'global': f['global']}, k=6, normalize=True, gallery_block=8)
     np.testing.assert_array_equal(index, np.argsort(ref, axis=1, kind='stable')[:, :6])
-    empty = inference.topk_search(q, {'global': gal[:0]}, k=3)
+    empty = dist_lib.topk_search(q, {'global': gal[:0]}, k=3)
     assert empty[0].shape == (4, 0)
 
 
@@ -341,7 +342,7 @@ def test_rerank_shortlist_equals_brute_force_on_the_shortlist():
     short = np.stack([rng.permutation(20)[:8] for _ in range(5)])
     short[1, 5:] = -1                                  # faiss pads missing candidates with -1
     ref = _brute(q, g, 'global_local')
-    index, dist = inference.rerank_shortlist(q, g, short, k=6, distance='global_local', pair_block=7)
+    index, dist = dist_lib.rerank_shortlist(q, g, short, k=6, distance='global_local', pair_block=7)
     for i in range(5):
         cand = short[i][short[i] >= 0]
         order = cand[np.argsort(ref[i, cand], kind='stable')][:6]
@@ -516,6 +517,6 @@ def test_topk_search_ties_across_block_cuts_go_to_the_lower_index():
     ref = _brute_global(q, g)
     want = np.argsort(ref, axis=1, kind='stable')
     for k, gb in ((3, 5), (9, 7), (12, 40), (40, 6)):
-        index, dist = inference.topk_search({'global': q}, {'global': g}, k=k, gallery_block=gb)
+        index, dist = dist_lib.topk_search({'global': q}, {'global': g}, k=k, gallery_block=gb)
         np.testing.assert_array_equal(index, want[:, :k])
         np.testing.assert_allclose(dist, np.take_along_axis(ref, want[:, :k], 1), atol=1e-3)
