@@ -365,8 +365,18 @@ def topk_search(q_feats, g_feats, k=10, distance='global', normalize=False, devi
     return index.cpu().numpy(), dist.cpu().numpy()
 
 
+def _gather_rows(array, index, device):
+    """array[index] as a tensor on device, for a numpy array or tensor (one index_select) or an
+    h5py dataset (read at increasing unique indices, as h5py requires)."""
+    if isinstance(array, (np.ndarray, torch.Tensor)):
+        t = torch.as_tensor(array)
+        return t.index_select(0, torch.from_numpy(index).to(t.device)).to(device)
+    uniq, inverse = np.unique(index, return_inverse=True)
+    return torch.from_numpy(np.asarray(array[uniq])[inverse]).to(device)
+
+
 def rerank_shortlist(q_feats, g_feats, shortlist, k=10, distance='global', normalize=False,
-                     device=None, pair_block=1 << 16):
+                     device=None, pair_block=1 << 14):
     """Exact distances on a shortlist of gallery candidates (from an approximate first stage
     such as faiss) and the top-k among them.
 
@@ -385,18 +395,13 @@ def rerank_shortlist(q_feats, g_feats, shortlist, k=10, distance='global', norma
     dist = np.full(flat.shape, np.inf, dtype=np.float32)
     valid = np.flatnonzero(flat >= 0)
     rows = valid // S
+    queries = {n: torch.as_tensor(np.asarray(q_feats[n])).to(dev) for n in keys_needed}
     for s in range(0, len(valid), pair_block):
         v = valid[s:s + pair_block]
-        g_idx = flat[v]
-        order = np.argsort(g_idx, kind='stable')        # h5py reads need increasing indices
-        g_sorted = g_idx[order]
-        uniq, inverse = np.unique(g_sorted, return_inverse=True)
-        x, y = {}, {}
-        for n in keys_needed:
-            x[n] = torch.as_tensor(np.asarray(q_feats[n])[rows[s:s + pair_block][order]]).to(dev)
-            y[n] = torch.as_tensor(np.asarray(g_feats[n][uniq])[inverse]).to(dev)
-        d = pair_dist(x, y, distance=distance, normalize=normalize).cpu().numpy()
-        dist[v[order]] = d
+        r = torch.from_numpy(rows[s:s + pair_block]).to(dev)
+        x = {n: queries[n].index_select(0, r) for n in keys_needed}
+        y = {n: _gather_rows(g_feats[n], flat[v], dev) for n in keys_needed}
+        dist[v] = pair_dist(x, y, distance=distance, normalize=normalize).cpu().numpy()
     dist = dist.reshape(Q, S)
     order = np.lexsort((np.where(shortlist >= 0, shortlist, np.iinfo(np.int64).max), dist), axis=1)[:, :k]
     index = np.take_along_axis(shortlist, order, 1)
