@@ -116,6 +116,33 @@ def test_extractor_on_pil_images_and_paths(world):
         inference.FeatureExtractor(str(world['root']))
 
 
+def test_load_model_layouts(world, tmp_path):
+    from aligned_reid.checkpoint import load_model
+    torch.manual_seed(1)
+    other = Model(base='resnet18', local_conv_out_channels=16).eval()
+    args = {'base_model': 'resnet18', 'local_conv_out_channels': 16, 'resize_h_w': list(SIZE)}
+    ml = tmp_path / 'ml.pth'
+    torch.save({'model': world['model'].state_dict(), 'models': [world['model'].state_dict(), other.state_dict()],
+                'args': args}, str(ml))
+    x = torch.randn(2, 3, *SIZE)
+    model, cfg = load_model(str(ml), model_index=2)
+    with torch.no_grad():
+        torch.testing.assert_close(model(x)['global'], other(x)['global'])
+    assert cfg['layout'] == 'train.py checkpoint' and cfg['base_model'] == 'resnet18'
+    with pytest.raises(ValueError, match='model_index 3'):
+        load_model(str(ml), model_index=3)
+    bare = tmp_path / 'bare.pth'
+    torch.save({'module.' + k: v for k, v in other.state_dict().items()}, str(bare))
+    model, cfg = load_model(str(bare), overrides={'base_model': 'resnet18', 'local_conv_out_channels': 16,
+                                                  'resize_h_w': [64, 32], 'last_stride': None})
+    assert cfg['layout'] == 'state dict' and cfg['size_from_checkpoint'] is False and cfg['last_stride'] == 2
+    assert cfg['mean'] == list(data.IMAGENET_MEAN) and cfg['std'] == list(data.IMAGENET_STD)
+    with torch.no_grad():
+        torch.testing.assert_close(model(x)['local'], other(x)['local'])
+    with pytest.raises(ValueError, match='weights do not fit a resnet50 model'):
+        load_model(str(bare))
+
+
 def _run(args, capsys=None):
     return extract_script.main(extract_script.parse_args(args))
 
