@@ -14,7 +14,6 @@ import os
 import tempfile
 import time
 
-import h5py
 import numpy as np
 import torch
 

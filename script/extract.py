@@ -254,3 +254,6 @@ if __name__ == '__main__':
         main(parse_args())
     except (ValueError, FileNotFoundError) as e:
         raise SystemExit('extract.py: {}'.format(e))
+    except KeyboardInterrupt:
+        raise SystemExit('extract.py: interrupted; the chunks written so far are kept: rerun the same command to '
+                         'continue')
