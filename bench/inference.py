@@ -163,8 +163,10 @@ def bench_search(args, Q, G):
         idx.train(g[np.sort(rows)])
     idx.add(g)
     build_s = time.perf_counter() - t
-    if hasattr(idx, 'nprobe'):
-        idx.nprobe = args.faiss_nprobe
+    try:
+        faiss.extract_index_ivf(idx).nprobe = args.faiss_nprobe     # also under a PCA pre-transform
+    except RuntimeError:
+        pass
     t = time.perf_counter()
     short = idx.search(q[:Qe], args.shortlist)[1].astype(np.int64)
     rescored, _ = distance.rerank_shortlist({'global': q[:Qe]}, {'global': g}, short, k=args.top_k)

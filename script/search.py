@@ -139,9 +139,9 @@ def faiss_shortlist(q_global, g_global, index_string, shortlist, nprobe, normali
     if not index.is_trained:
         index.train(g)
     index.add(g)
-    if hasattr(index, 'nprobe'):
-        index.nprobe = nprobe
-    else:
+    try:
+        faiss.extract_index_ivf(index).nprobe = nprobe     # also under a pre-transform such as PCA
+    except RuntimeError:                                # not an IVF index
         try:
             faiss.ParameterSpace().set_index_parameter(index, 'efSearch', 4 * nprobe)
         except RuntimeError:

@@ -474,8 +474,11 @@ def test_search_with_faiss_shortlist(world, tmp_path):
                             'settings': '{"model": "m", "cfg": {"normalize_feature": false, "resize_h_w": [64, 32]}}'})
     ref = _brute_global(q, g)
     want = np.argsort(ref, axis=1, kind='stable')[:, :5]
-    for extra in ([], ['--faiss_index', 'Flat', '--shortlist', '50'], ['--faiss_index', 'IVF4,Flat',
-                                                                        '--faiss_nprobe', '4']):
+    # Every list visited (nprobe = nlist), so the shortlist holds the exact top-k: the result must be exact;
+    # under a PCA pre-transform the shortlist of 50 is the whole gallery only if nprobe reaches the IVF.
+    for extra in ([], ['--faiss_index', 'Flat', '--shortlist', '50'],
+                  ['--faiss_index', 'IVF4,Flat', '--faiss_nprobe', '4'],
+                  ['--faiss_index', 'PCA8,IVF4,Flat', '--faiss_nprobe', '4', '--shortlist', '50']):
         out = tmp_path / 'f.csv'
         search_script.main(search_script.parse_args(['--query', str(paths['q']), '--gallery', str(paths['g']),
                                                      '--output', str(out), '--top_k', '5', '--device', 'cpu']
