@@ -186,7 +186,7 @@ def extract(extractor, paths, f, local, batch_size, workers, chunk_size, max_ima
             out = extractor.embed(images[good], local=local)
             feats = {k: v.cpu().numpy() for k, v in out.items()}
         g = 0
-        for j, (i, e) in enumerate(zip(indices.tolist(), errors)):
+        for i, e in zip(indices.tolist(), errors):
             path = paths[start + i]
             if e:
                 if logger:
