@@ -1,5 +1,6 @@
 """Using a trained model on one's own images: FeatureExtractor (checkpoint -> features of PIL
-images or files) and exact top-k search of a gallery in bounded memory."""
+images or image files), listing and decoding image files, and reading script/extract.py's
+HDF5 features files."""
 import json
 import os
 
@@ -11,7 +12,6 @@ from torch.utils.data import DataLoader, Dataset
 
 from . import data
 from .checkpoint import load_model
-from .distance import DISTANCES, dist_block, pair_dist
 
 CHECKPOINT_NAME = 'ckpt.pth'   # what train.py writes in its experiment folder
 FEATURES_FORMAT = 'aligned_reid features 1'   # the 'format' attribute of script/extract.py's files
@@ -253,114 +253,3 @@ def read_features(path, local=False):
         if local:
             out['local'] = f['local'][:]
     return out
-
-
-# ----------------------------------------------------------------------------- search
-
-def _sort_keys(dist, index):
-    """Distances [B, K] (float32 tensor) and gallery indices [B, K] -> int64 keys whose order
-    is (distance, index): the float's bits mapped to a monotone int32 in the high half, the
-    index (< 2^32) in the low half. torch.topk on them gives exactly the stable ranking."""
-    bits = (dist.float() + 0.).view(torch.int32)       # + 0. turns -0. into +0.
-    mono = bits ^ ((bits >> 31) & 0x7FFFFFFF)           # negative floats: reverse their order
-    return (mono.to(torch.int64) << 32) | index.to(torch.int64)
-
-
-def _unpack_keys(keys):
-    mono = (keys >> 32).to(torch.int32)
-    bits = mono ^ ((mono >> 31) & 0x7FFFFFFF)
-    return bits.view(torch.float32), keys & 0xFFFFFFFF
-
-
-def _block_topk_keys(d, k, offset):
-    """Sort keys of the k smallest entries of each row of d [b, g] (gallery indices offset +
-    column), ties by index. A float top-(k+1) finds them; only rows whose k-th and (k+1)-th
-    values are equal (a tie across the cut, where topk may pick any of the tied columns) are
-    redone on the keys of the whole row, which is exact but several times slower."""
-    kk = min(k, d.size(1))
-    vals, cols = torch.topk(d, min(kk + 1, d.size(1)), dim=1, largest=False, sorted=True)
-    keys = _sort_keys(vals[:, :kk], cols[:, :kk] + offset)
-    if vals.size(1) > kk:
-        tied = (vals[:, kk] == vals[:, kk - 1]).nonzero().flatten()
-        if len(tied):
-            idx = torch.arange(offset, offset + d.size(1), device=d.device).expand(len(tied), -1)
-            keys[tied] = torch.topk(_sort_keys(d[tied], idx), kk, dim=1, largest=False).values
-    return keys
-
-
-def topk_search(q_feats, g_feats, k=10, distance='global', normalize=False, device=None,
-                query_block=None, gallery_block=None):
-    """Exact top-k of a gallery for every query, in bounded memory.
-
-    q_feats, g_feats: dicts with 'global' [N, C] and/or 'local' [N, h, c] as compute_dist
-    takes them; the gallery's arrays may be h5py datasets (read gallery_block rows at a time).
-    distance: 'global' | 'local' | 'global_local' (as aligned_reid.distance.compute_dist, with
-    normalize), computed on `device` (default: the CPU). The gallery is swept in blocks of gallery_block rows and the queries in blocks
-    of query_block rows (defaults keep a block near 4M distances); a running top-k is merged
-    per block. Ties are ranked by gallery index, as a stable argsort of the full row would.
-    Returns (indices np.int64 [Q, k'], distances np.float32 [Q, k']), k' = min(k, G)."""
-    if distance not in DISTANCES:
-        raise ValueError(f"topk_search: distance must be one of {DISTANCES}, got {distance!r}")
-    key = 'global' if distance != 'local' else 'local'
-    Q, G = len(q_feats[key]), len(g_feats[key])
-    if G >= 1 << 32:
-        raise ValueError(f"topk_search: at most 2^32 - 1 gallery items, got {G}")
-    k = min(k, G)
-    if k == 0 or Q == 0:
-        return np.zeros((Q, k), dtype=np.int64), np.zeros((Q, k), dtype=np.float32)
-    dev = torch.device(device) if device is not None else torch.device('cpu')
-    gallery_block = gallery_block or max(1, min(G, 1 << 16))
-    query_block = query_block or max(1, (1 << 22) // max(1, gallery_block))
-    keys_needed = ('global', 'local') if distance == 'global_local' else (key,)
-    best = torch.full((Q, k), torch.iinfo(torch.int64).max, dtype=torch.int64, device=dev)
-    for gs in range(0, G, gallery_block):
-        ge = min(G, gs + gallery_block)
-        gb = {n: torch.as_tensor(np.asarray(g_feats[n][gs:ge])).to(dev) for n in keys_needed}
-        for qs in range(0, Q, query_block):
-            qe = min(Q, qs + query_block)
-            qb = {n: torch.as_tensor(np.asarray(q_feats[n][qs:qe])).to(dev) for n in keys_needed}
-            d = dist_block(qb, gb, distance=distance, normalize=normalize)      # [b, g]
-            cand = torch.cat([best[qs:qe], _block_topk_keys(d, k, gs)], 1)
-            best[qs:qe] = torch.topk(cand, k, dim=1, largest=False, sorted=True).values
-    dist, index = _unpack_keys(best)
-    return index.cpu().numpy(), dist.cpu().numpy()
-
-
-def rerank_shortlist(q_feats, g_feats, shortlist, k=10, distance='global', normalize=False,
-                     device=None, pair_block=1 << 16):
-    """Exact distances on a shortlist of gallery candidates (from an approximate first stage
-    such as faiss) and the top-k among them.
-
-    shortlist: np.int64 [Q, S] gallery indices per query (-1 = no candidate, as faiss pads).
-    The distance of each (query, candidate) pair is computed with aligned_reid.distance.pair_dist
-    (same definitions as compute_dist), pair_block pairs at a time. Returns (indices np.int64
-    [Q, k'], distances np.float32 [Q, k']) ranked by (distance, gallery index), k' = min(k, S);
-    rows with fewer valid candidates are padded with index -1 and distance inf."""
-    shortlist = np.asarray(shortlist, dtype=np.int64)
-    Q, S = shortlist.shape
-    k = min(k, S)
-    keys_needed = ('global', 'local') if distance == 'global_local' else \
-        ('local',) if distance == 'local' else ('global',)
-    dev = torch.device(device) if device is not None else torch.device('cpu')
-    flat = shortlist.reshape(-1)
-    dist = np.full(flat.shape, np.inf, dtype=np.float32)
-    valid = np.flatnonzero(flat >= 0)
-    rows = valid // S
-    for s in range(0, len(valid), pair_block):
-        v = valid[s:s + pair_block]
-        g_idx = flat[v]
-        order = np.argsort(g_idx, kind='stable')        # h5py reads need increasing indices
-        g_sorted = g_idx[order]
-        uniq, inverse = np.unique(g_sorted, return_inverse=True)
-        x, y = {}, {}
-        for n in keys_needed:
-            x[n] = torch.as_tensor(np.asarray(q_feats[n])[rows[s:s + pair_block][order]]).to(dev)
-            y[n] = torch.as_tensor(np.asarray(g_feats[n][uniq])[inverse]).to(dev)
-        d = pair_dist(x, y, distance=distance, normalize=normalize).cpu().numpy()
-        dist[v[order]] = d
-    dist = dist.reshape(Q, S)
-    order = np.lexsort((np.where(shortlist >= 0, shortlist, np.iinfo(np.int64).max), dist), axis=1)[:, :k]
-    index = np.take_along_axis(shortlist, order, 1)
-    dist = np.take_along_axis(dist, order, 1)
-    index[~np.isfinite(dist)] = -1
-    return index, dist

@@ -186,7 +186,7 @@ def extract(extractor, paths, f, local, batch_size, workers, chunk_size, max_ima
             out = extractor.embed(images[good], local=local)
             feats = {k: v.cpu().numpy() for k, v in out.items()}
         g = 0
-        for j, (i, e) in enumerate(zip(indices.tolist(), errors)):
+        for i, e in zip(indices.tolist(), errors):
             path = paths[start + i]
             if e:
                 if logger:
@@ -254,3 +254,6 @@ if __name__ == '__main__':
         main(parse_args())
     except (ValueError, FileNotFoundError) as e:
         raise SystemExit('extract.py: {}'.format(e))
+    except KeyboardInterrupt:
+        raise SystemExit('extract.py: interrupted; the chunks written so far are kept: rerun the same command to '
+                         'continue')

@@ -139,9 +139,9 @@ def faiss_shortlist(q_global, g_global, index_string, shortlist, nprobe, normali
     if not index.is_trained:
         index.train(g)
     index.add(g)
-    if hasattr(index, 'nprobe'):
-        index.nprobe = nprobe
-    else:
+    try:
+        faiss.extract_index_ivf(index).nprobe = nprobe     # also under a pre-transform such as PCA
+    except RuntimeError:                                # not an IVF index
         try:
             faiss.ParameterSpace().set_index_parameter(index, 'efSearch', 4 * nprobe)
         except RuntimeError:
@@ -165,9 +165,9 @@ def rank(q_feats, g_feats, args, normalize):
     if args.faiss_index:
         short = faiss_shortlist(q_feats['global'], g_feats['global'], args.faiss_index, args.shortlist,
                                 args.faiss_nprobe, normalize)
-        return inference.rerank_shortlist(q_feats, g_feats, short, k=args.top_k, distance=args.distance,
+        return dist_lib.rerank_shortlist(q_feats, g_feats, short, k=args.top_k, distance=args.distance,
                                           normalize=normalize, device=args.device)
-    return inference.topk_search(q_feats, g_feats, k=args.top_k, distance=args.distance, normalize=normalize,
+    return dist_lib.topk_search(q_feats, g_feats, k=args.top_k, distance=args.distance, normalize=normalize,
                                  device=args.device, gallery_block=args.gallery_block)
 
 

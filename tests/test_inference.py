@@ -11,6 +11,7 @@ import torch
 from PIL import Image
 
 from aligned_reid import data, evaluation, inference
+from aligned_reid import distance as dist_lib
 from aligned_reid.model import Model
 from aligned_reid.synthetic import make_camera, make_identity, render_image
 from script_loader import load_script
@@ -113,6 +114,33 @@ def test_extractor_on_pil_images_and_paths(world):
         ext([paths[0], str(world['images'] / 'notes.txt')])
     with pytest.raises(FileNotFoundError, match='without ckpt.pth'):
         inference.FeatureExtractor(str(world['root']))
+
+
+def test_load_model_layouts(world, tmp_path):
+    from aligned_reid.checkpoint import load_model
+    torch.manual_seed(1)
+    other = Model(base='resnet18', local_conv_out_channels=16).eval()
+    args = {'base_model': 'resnet18', 'local_conv_out_channels': 16, 'resize_h_w': list(SIZE)}
+    ml = tmp_path / 'ml.pth'
+    torch.save({'model': world['model'].state_dict(), 'models': [world['model'].state_dict(), other.state_dict()],
+                'args': args}, str(ml))
+    x = torch.randn(2, 3, *SIZE)
+    model, cfg = load_model(str(ml), model_index=2)
+    with torch.no_grad():
+        torch.testing.assert_close(model(x)['global'], other(x)['global'])
+    assert cfg['layout'] == 'train.py checkpoint' and cfg['base_model'] == 'resnet18'
+    with pytest.raises(ValueError, match='model_index 3'):
+        load_model(str(ml), model_index=3)
+    bare = tmp_path / 'bare.pth'
+    torch.save({'module.' + k: v for k, v in other.state_dict().items()}, str(bare))
+    model, cfg = load_model(str(bare), overrides={'base_model': 'resnet18', 'local_conv_out_channels': 16,
+                                                  'resize_h_w': [64, 32], 'last_stride': None})
+    assert cfg['layout'] == 'state dict' and cfg['size_from_checkpoint'] is False and cfg['last_stride'] == 2
+    assert cfg['mean'] == list(data.IMAGENET_MEAN) and cfg['std'] == list(data.IMAGENET_STD)
+    with torch.no_grad():
+        torch.testing.assert_close(model(x)['local'], other(x)['local'])
+    with pytest.raises(ValueError, match='weights do not fit a resnet50 model'):
+        load_model(str(bare))
 
 
 def _run(args, capsys=None):
@@ -291,9 +319,9 @@ def test_sort_keys_rank_like_a_stable_argsort():
     vals = rng.choice(np.array([-2.5, -1e-30, -0., 0., 1e-30, 0.5, 0.5, 3., np.inf], dtype=np.float32),
                       size=(5, 40))
     idx = torch.arange(40).expand(5, 40)
-    keys = inference._sort_keys(torch.from_numpy(vals), idx)
+    keys = dist_lib._sort_keys(torch.from_numpy(vals), idx)
     order = torch.topk(keys, 17, dim=1, largest=False).values
-    dist, index = inference._unpack_keys(order)
+    dist, index = dist_lib._unpack_keys(order)
     # -0. and 0. are equal: compare against the stable argsort of the values with -0. made 0.
     want = np.argsort(vals + np.float32(0.), axis=1, kind='stable')[:, :17]
     np.testing.assert_array_equal(index.numpy(), want)
@@ -310,7 +338,7 @@ def test_topk_search_equals_brute_force_ranking(distance):
     ref = _brute(q, g, distance)
     want = np.argsort(ref, axis=1, kind='stable')
     for k, qb, gb in ((5, 2, 4), (23, 4, 7), (40, None, None), (1, 9, 23)):
-        index, dist = inference.topk_search(q, g, k=k, distance=distance, query_block=qb, gallery_block=gb)
+        index, dist = dist_lib.topk_search(q, g, k=k, distance=distance, query_block=qb, gallery_block=gb)
         kk = min(k, 23)
         assert index.shape == dist.shape == (9, kk)
         np.testing.assert_array_equal(index, want[:, :kk])
@@ -326,9 +354,9 @@ def test_topk_search_normalized_and_from_hdf5(tmp_path):
         f['global'] = gal
     ref = _brute_global(q['global'], gal, normalize=True)
     with h5py.File(str(path), 'r') as f:
-        index, dist = inference.topk_search(q, {'global': f['global']}, k=6, normalize=True, gallery_block=8)
+        index, dist = dist_lib.topk_search(q, {'global': f['global']}, k=6, normalize=True, gallery_block=8)
     np.testing.assert_array_equal(index, np.argsort(ref, axis=1, kind='stable')[:, :6])
-    empty = inference.topk_search(q, {'global': gal[:0]}, k=3)
+    empty = dist_lib.topk_search(q, {'global': gal[:0]}, k=3)
     assert empty[0].shape == (4, 0)
 
 
@@ -341,7 +369,7 @@ def test_rerank_shortlist_equals_brute_force_on_the_shortlist():
     short = np.stack([rng.permutation(20)[:8] for _ in range(5)])
     short[1, 5:] = -1                                  # faiss pads missing candidates with -1
     ref = _brute(q, g, 'global_local')
-    index, dist = inference.rerank_shortlist(q, g, short, k=6, distance='global_local', pair_block=7)
+    index, dist = dist_lib.rerank_shortlist(q, g, short, k=6, distance='global_local', pair_block=7)
     for i in range(5):
         cand = short[i][short[i] >= 0]
         order = cand[np.argsort(ref[i, cand], kind='stable')][:6]
@@ -446,8 +474,11 @@ def test_search_with_faiss_shortlist(world, tmp_path):
                             'settings': '{"model": "m", "cfg": {"normalize_feature": false, "resize_h_w": [64, 32]}}'})
     ref = _brute_global(q, g)
     want = np.argsort(ref, axis=1, kind='stable')[:, :5]
-    for extra in ([], ['--faiss_index', 'Flat', '--shortlist', '50'], ['--faiss_index', 'IVF4,Flat',
-                                                                        '--faiss_nprobe', '4']):
+    # Every list visited (nprobe = nlist), so the shortlist holds the exact top-k: the result must be exact;
+    # under a PCA pre-transform the shortlist of 50 is the whole gallery only if nprobe reaches the IVF.
+    for extra in ([], ['--faiss_index', 'Flat', '--shortlist', '50'],
+                  ['--faiss_index', 'IVF4,Flat', '--faiss_nprobe', '4'],
+                  ['--faiss_index', 'PCA8,IVF4,Flat', '--faiss_nprobe', '4', '--shortlist', '50']):
         out = tmp_path / 'f.csv'
         search_script.main(search_script.parse_args(['--query', str(paths['q']), '--gallery', str(paths['g']),
                                                      '--output', str(out), '--top_k', '5', '--device', 'cpu']
@@ -516,6 +547,6 @@ def test_topk_search_ties_across_block_cuts_go_to_the_lower_index():
     ref = _brute_global(q, g)
     want = np.argsort(ref, axis=1, kind='stable')
     for k, gb in ((3, 5), (9, 7), (12, 40), (40, 6)):
-        index, dist = inference.topk_search({'global': q}, {'global': g}, k=k, gallery_block=gb)
+        index, dist = dist_lib.topk_search({'global': q}, {'global': g}, k=k, gallery_block=gb)
         np.testing.assert_array_equal(index, want[:, :k])
         np.testing.assert_allclose(dist, np.take_along_axis(ref, want[:, :k], 1), atol=1e-3)
