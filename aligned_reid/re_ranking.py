@@ -171,6 +171,11 @@ def _block_elements(device):
     return _BLOCK_ELEMENTS
 
 
+def _pair_budget(device):
+    """(entry, row) pairs expanded at once: small on the CPU, larger on a GPU."""
+    return _PAIR_BUDGET * 16 if device.type == 'cuda' else _PAIR_BUDGET
+
+
 def _nearest(d2, m, K):
     """Indices of the K smallest entries of each row of T = d2 / m (d2 [B, N] float32,
     m [B] > 0), ascending, ties in T by lower index (the order a stable argsort of T gives)
@@ -251,11 +256,11 @@ def _gather_rows(indptr, src, device):
     return owner, pos
 
 
-def _query_expansion(indptr, cols, vals, nearest, kk, N, device):
+def _query_expansion(indptr, cols, vals, nearest, kk, N, device, budget):
     """V_qe[i] = mean of V rows nearest[i, :kk] (CSR in, CSR out with sorted columns)."""
     lens = (indptr[1:] - indptr[:-1])[nearest[:, :kk]].sum(1)         # entries before merging
     out_counts, out_cols, out_vals = [], [], []
-    for s, e in _ranges(lens, _PAIR_BUDGET):
+    for s, e in _ranges(lens, budget):
         src = nearest[s:e, :kk].reshape(-1)
         owner, pos = _gather_rows(indptr, src, device)
         row = owner // kk                                               # local row in s:e
@@ -306,7 +311,7 @@ def _re_rank_core(Q, N, rows, pairs, k1, k2, lambda_value, device, block_rows=No
                 torch.div(d2[:b, Q:], m[:b, None], out=final[s:s + b])
         del buf
         # k-reciprocal sets, their expansion, and V (CSR: indptr, cols, vals).
-        sblock = max(1, _PAIR_BUDGET // (K * K))
+        sblock = max(1, _pair_budget(device) // (K * K))
         R = _reciprocal(nearest[:, :min(N, k1 + 1)].contiguous(), sblock)
         H = _reciprocal(nearest[:, :min(N, kh + 1)].contiguous(), sblock)
         counts, cols = _expansion(R, H, sblock)
@@ -320,7 +325,7 @@ def _re_rank_core(Q, N, rows, pairs, k1, k2, lambda_value, device, block_rows=No
         del rows_of, w
         if k2 != 1:
             indptr, cols, vals = _query_expansion(indptr, cols, vals, nearest, min(k2, N), N,
-                                                  device)
+                                                  device, _pair_budget(device))
         del nearest
         # Inverted index of the gallery rows of V: for each column k, the gallery rows
         # holding it and their values.
@@ -345,7 +350,7 @@ def _re_rank_core(Q, N, rows, pairs, k1, k2, lambda_value, device, block_rows=No
             0, q_rows, entry_pairs)
         qcap = max(1, _block_elements(device) // max(1, G))
         acc_buf = None
-        for s0, e0 in _ranges(per_query, _PAIR_BUDGET):
+        for s0, e0 in _ranges(per_query, _pair_budget(device)):
             for s in range(s0, e0, qcap):
                 e = min(e0, s + qcap)
                 a, b = int(indptr[s]), int(indptr[e])

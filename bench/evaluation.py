@@ -173,8 +173,8 @@ def _status_kb(key):
     raise RuntimeError(f"no {key} in /proc/self/status")
 
 
-def _child(conn, job, paths, out_path):
-    torch.set_num_threads(torch.get_num_threads())
+def _child(conn, job, paths, out_path, threads):
+    torch.set_num_threads(threads or torch.get_num_threads())
     arrays = [np.load(p) for p in paths]
     with open('/proc/self/clear_refs', 'w') as f:
         f.write('5')                                            # reset VmHWM to VmRSS
@@ -195,14 +195,15 @@ def _child(conn, job, paths, out_path):
     conn.close()
 
 
-def measured(job, paths, tmp, name, keep_result=True):
+def measured(job, paths, tmp, name, keep_result=True, threads=None):
     """Run job(*np.load(paths)) in a spawned child -> (seconds, peak GB above inputs, result);
     with keep_result=False the result is (shape, dtype, nbytes) only. The child's CPU usage
-    (user / sys seconds, minor page faults) is kept in LAST_USAGE."""
+    (user / sys seconds, minor page faults) is kept in LAST_USAGE. threads: torch CPU threads
+    of the child (default: torch's choice)."""
     out_path = os.path.join(tmp, name + '.npy') if keep_result else None
     ctx = mp.get_context('spawn')          # a forked child can hang in torch's thread pool
     recv, send = ctx.Pipe(duplex=False)
-    p = ctx.Process(target=_child, args=(send, job, paths, out_path))
+    p = ctx.Process(target=_child, args=(send, job, paths, out_path, threads))
     p.start()
     seconds, peak, info, usage = recv.recv()
     LAST_USAGE.clear()
@@ -259,8 +260,9 @@ def bench_rank(q_g, q_ids, g_ids, q_cams, g_cams):
           f" (its unstable sort orders float32 ties arbitrarily)")
 
 
-def bench_re_ranking(qf, gf, q_ids, g_ids, q_cams, g_cams, tmp, dense):
-    print(f"\n== re-ranking, {len(qf)} + {len(gf)} = {len(qf) + len(gf)} images ==")
+def bench_re_ranking(qf, gf, q_ids, g_ids, q_cams, g_cams, tmp, dense, threads=None):
+    print(f"\n== re-ranking, {len(qf)} + {len(gf)} = {len(qf) + len(gf)} images, dim {qf.shape[1]}, "
+          f"torch threads {threads or torch.get_num_threads()} ==")
     mats = [compute_dist(a, b) for a, b in ((qf, gf), (qf, qf), (gf, gf))]
     paths = []
     for name, m in zip(('q_g', 'q_q', 'g_g'), mats):
@@ -269,11 +271,11 @@ def bench_re_ranking(qf, gf, q_ids, g_ids, q_cams, g_cams, tmp, dense):
     fpaths = [os.path.join(tmp, 'qf.npy'), os.path.join(tmp, 'gf.npy')]
     np.save(fpaths[0], qf)
     np.save(fpaths[1], gf)
-    t_m, peak_m, rr_m = measured(_rr_matrix, paths, tmp, 'ours_matrix')
+    t_m, peak_m, rr_m = measured(_rr_matrix, paths, tmp, 'ours_matrix', threads=threads)
     res_m = evaluate_rank(rr_m, q_ids, g_ids, q_cams, g_cams)
     print(f"re_ranking (matrices)         : {t_m:7.2f} s  peak above inputs {peak_m:5.2f} GB  "
           f"Rank-1 {100 * res_m['cmc'][0]:.4f}  mAP {100 * res_m['mAP']:.6f}  {usage_str()}")
-    t_f, peak_f, rr_f = measured(_rr_features, fpaths, tmp, 'ours_features')
+    t_f, peak_f, rr_f = measured(_rr_features, fpaths, tmp, 'ours_features', threads=threads)
     res_f = evaluate_rank(rr_f, q_ids, g_ids, q_cams, g_cams)
     print(f"re_ranking_features (dim {qf.shape[1]:4d}) : {t_f:7.2f} s  peak above inputs "
           f"{peak_f:5.2f} GB  Rank-1 {100 * res_f['cmc'][0]:.4f}  mAP {100 * res_f['mAP']:.6f}"
@@ -310,7 +312,7 @@ def bench_local(num_query, num_gallery, stripes=8, dim=128, seed=0):
     torch.set_num_threads(threads)
 
 
-def bench_msmt17(dim, tmp):
+def bench_msmt17(dim, tmp, threads=None):
     print(f"\n== re_ranking_features at MSMT17 scale: 11659 x 82161, dim {dim} ==")
     qf, gf, *_ = market_like(11659, 82161, num_ids=3060, num_cams=15, num_distractors=0,
                              dim=dim, seed=1)
@@ -319,7 +321,7 @@ def bench_msmt17(dim, tmp):
     np.save(fpaths[1], gf)
     del qf, gf
     t, peak, (shape, dtype, nbytes) = measured(_rr_features, fpaths, tmp, 'msmt',
-                                               keep_result=False)
+                                               keep_result=False, threads=threads)
     print(f"re_ranking_features: {t:.1f} s, peak above inputs {peak:.2f} GB (the {shape} {dtype} "
           f"output alone is {nbytes / 1024 ** 3:.2f} GB); a dense (Q+G)^2 float32 matrix "
           f"would be {(11659 + 82161) ** 2 * 4 / 1024 ** 3:.0f} GB  {usage_str()}")
@@ -338,6 +340,8 @@ def build_parser():
     p.add_argument('--features', choices=('market_like', 'clustered'), default='market_like',
                    help='synthetic features: market_like (750 ids, camera shifts, distractors) or '
                         'clustered (751 tight identity clusters). Default: market_like')
+    p.add_argument('--threads', type=int, default=None,
+                   help="torch CPU threads of the re-ranking runs. Default: torch's choice")
     p.add_argument('--msmt17', action='store_true',
                    help='only run re-ranking from features at MSMT17 scale (default: off)')
     return p
@@ -349,14 +353,15 @@ def main(args):
           f"(shared machine: timings vary with the load)")
     with tempfile.TemporaryDirectory() as tmp:
         if args.msmt17:
-            bench_msmt17(args.dim, tmp)
+            bench_msmt17(args.dim, tmp, args.threads)
             return
         make = market_like if args.features == 'market_like' else clustered_like
         qf, gf, q_ids, g_ids, q_cams, g_cams = make(dim=args.dim)
         if 'rank' in args.parts:
             bench_rank(compute_dist(qf, gf), q_ids, g_ids, q_cams, g_cams)
         if 're_rank' in args.parts:
-            bench_re_ranking(qf, gf, q_ids, g_ids, q_cams, g_cams, tmp, not args.skip_dense)
+            bench_re_ranking(qf, gf, q_ids, g_ids, q_cams, g_cams, tmp, not args.skip_dense,
+                             args.threads)
         if 'local' in args.parts:
             bench_local(*args.local_pairs)
 
