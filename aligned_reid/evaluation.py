@@ -17,6 +17,22 @@ _BLOCK_ELEMENTS = 1 << 22     # ~4M matrix cells per row block in evaluate_rank
 
 # ----------------------------------------------------------------------------- features
 
+def test_images(partitions, split='test', multi_query=None):
+    """The images of a split that a test uses, in partitions order -> (im_names, marks) lists.
+
+    Marks 0 (query) and 1 (gallery) always; the Market-1501 multi-query images (mark 2) only
+    when multi_query is 'avg' or 'max' (None or 'none': they are not used, so not extracted)."""
+    names, marks = partitions[split + '_im_names'], partitions[split + '_marks']
+    if len(names) != len(marks):
+        raise ValueError(f"{split}_im_names has {len(names)} entries but {split}_marks "
+                         f"{len(marks)}")
+    if multi_query not in (None, 'none', 'avg', 'max'):
+        raise ValueError(f"multi_query must be None, 'none', 'avg' or 'max', got {multi_query!r}")
+    wanted = (0, 1, 2) if multi_query in ('avg', 'max') else (0, 1)
+    keep = [i for i, m in enumerate(marks) if int(m) in wanted]
+    return [names[i] for i in keep], [int(marks[i]) for i in keep]
+
+
 def extract_features(model, loader, device, flip=False, amp=False, progress=True):
     """Run `model` over a test loader and collect its features in dataset order.
 
@@ -319,8 +335,9 @@ def evaluate(feats, distances=('global',), re_rank=False, ap_mode='standard', mu
     distances: names from ('global', 'local', 'global_local'). re_rank=True adds the
     k-reciprocal re-ranked result (k1, k2, lambda_value) of each distance, computed from the
     features by re_ranking.re_ranking_features (no dense (Q+G)^2 matrix is held).
-    normalize / metric / device as for compute_dist (metric applies to 'global' only);
-    ap_mode and max_rank as for evaluate_rank.
+    normalize / metric as for compute_dist (metric applies to 'global' only); device: where
+    the distances and the re-ranking are computed ('cpu', 'cuda', ...; default: the CPU for
+    numpy features); ap_mode and max_rank as for evaluate_rank.
     Returns {name: evaluate_rank dict}, names like 'global', 'global+re_rank'."""
     from .re_ranking import re_ranking_features
 

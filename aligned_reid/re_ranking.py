@@ -1,16 +1,20 @@
 """k-reciprocal re-ranking (Zhong et al., "Re-ranking Person Re-identification with k-reciprocal
-Encoding", CVPR 2017), exact and memory-bounded: top-k neighbours, sparse V, blocked Jaccard."""
+Encoding", CVPR 2017), exact and memory-bounded, in torch on the CPU or a GPU: top-k neighbours
+per row block, sparse V, Jaccard distance through an inverted index."""
 
 import numpy as np
-import scipy.sparse as sp
 import torch
 
 from .distance import compute_dist, pair_dist
 
-_BLOCK_ELEMENTS = 1 << 22     # ~4M cells per dense row block
+# Sizes of the temporaries. Kept under glibc's largest mmap threshold (32 MB), so that freed
+# blocks are reused from the heap instead of being unmapped and faulted in again on the next
+# block: the page faults of larger temporaries were most of the old code's system time.
+_BLOCK_ELEMENTS = 1 << 22     # cells of a dense [B, Q + G] row block (16 MB of float32)
+_PAIR_BUDGET = 1 << 21        # (entry, row) pairs expanded at once in the sparse steps
 
 
-def re_ranking(q_g_dist, q_q_dist, g_g_dist, k1=20, k2=6, lambda_value=0.3):
+def re_ranking(q_g_dist, q_q_dist, g_g_dist, k1=20, k2=6, lambda_value=0.3, device=None):
     """Re-rank a query x gallery distance matrix with k-reciprocal encoding.
 
     q_g_dist [Q, G], q_q_dist [Q, Q], g_g_dist [G, G] (numpy or torch). Computes exactly what
@@ -21,53 +25,57 @@ def re_ranking(q_g_dist, q_q_dist, g_g_dist, k1=20, k2=6, lambda_value=0.3):
     normalised to sum 1, query expansion over the k2 nearest rows, Jaccard distance, and
     final = (1 - lambda_value) * jaccard + lambda_value * T, restricted to query rows and
     gallery columns. Never builds the dense V or rank matrices: memory is the inputs plus the
-    [Q, G] output plus O((Q+G) * k1^2).
+    [Q, G] output plus blocks of bounded size.
+    device: where to compute ('cpu', 'cuda', ...); default: the device of q_g_dist when it is
+    a tensor, else the CPU. Inputs elsewhere are copied there.
     Returns np.float32 [Q, G]."""
-    q_g = _np(q_g_dist, 'q_g_dist')
-    q_q = _np(q_q_dist, 'q_q_dist')
-    g_g = _np(g_g_dist, 'g_g_dist')
+    dev = _pick_device(device, q_g_dist)
+    q_g = _matrix(q_g_dist, 'q_g_dist', dev)
+    q_q = _matrix(q_q_dist, 'q_q_dist', dev)
+    g_g = _matrix(g_g_dist, 'g_g_dist', dev)
     Q, G = q_g.shape
     if q_q.shape != (Q, Q) or g_g.shape != (G, G):
-        raise ValueError(f"re_ranking: shapes do not fit: q_g_dist {q_g.shape}, q_q_dist "
-                         f"{q_q.shape}, g_g_dist {g_g.shape}")
-    dtype = np.result_type(q_g, q_q, g_g)
+        raise ValueError(f"re_ranking: shapes do not fit: q_g_dist {tuple(q_g.shape)}, q_q_dist "
+                         f"{tuple(q_q.shape)}, g_g_dist {tuple(g_g.shape)}")
+    N = Q + G
+    dtype = torch.promote_types(torch.promote_types(q_g.dtype, q_q.dtype), g_g.dtype)
+    q_g, q_q, g_g = q_g.to(dtype), q_q.to(dtype), g_g.to(dtype)
+    scratch = {}
 
-    def sq(x):
-        x = np.asarray(x, dtype=dtype)
-        return (x * x).astype(np.float32, copy=False)
+    def sq_into(src, out):
+        """out = float32(src * src), squared in the inputs' precision as the reference does."""
+        if dtype == torch.float32:
+            torch.mul(src, src, out=out)
+        else:
+            out.copy_(src * src)
 
-    def rows(s, e):
-        """Rows s:e of T's numerator: columns s:e of D, squared -> [B, Q+G]."""
-        parts = []
-        if s < Q:
+    def rows(s, e, out):
+        """Rows s:e of T's numerator, i.e. columns s:e of D squared, into out [B, N]."""
+        if s < Q:                                              # query columns of D
             a, b = s, min(e, Q)
-            parts.append(np.concatenate([q_q[:, a:b].T, q_g[a:b]], axis=1))
-        if e > Q:
+            sq_into(q_g[a:b], out[:b - a, Q:])                 # D[Q:, j] = q_g[j, :]
+            cols = _scratch(scratch, 'cols', Q * (b - a), dev).view(Q, b - a)
+            sq_into(q_q[:, a:b], cols)
+            out[:b - a, :Q].copy_(cols.t())
+        if e > Q:                                              # gallery columns of D
             a, b = max(s, Q) - Q, e - Q
-            parts.append(np.concatenate([q_g[:, a:b].T, g_g[:, a:b].T], axis=1))
-        return sq(np.concatenate(parts, axis=0))
+            cols = _scratch(scratch, 'cols', N * (b - a), dev).view(N, b - a)
+            sq_into(q_g[:, a:b], cols[:Q])
+            sq_into(g_g[:, a:b], cols[Q:])
+            out[e - s - (b - a):e - s].copy_(cols.t())        # a cache-blocked transpose
+        return out[:e - s]
 
     def pairs(i, j):
-        """T numerators at (i, j): D[j, i] squared -> [P]."""
+        """T numerators at (i, j): D[j, i] squared -> float32 [P]."""
         r, c = j, i
-        out = np.empty(len(i), dtype=dtype)
-        for rq in (True, False):
-            for cq in (True, False):
-                m = ((r < Q) == rq) & ((c < Q) == cq)
-                if not m.any():
-                    continue
-                rr, cc = r[m], c[m]
-                if rq and cq:
-                    out[m] = q_q[rr, cc]
-                elif rq:
-                    out[m] = q_g[rr, cc - Q]
-                elif cq:
-                    out[m] = q_g[cc, rr - Q]
-                else:
-                    out[m] = g_g[rr - Q, cc - Q]
-        return sq(out)
+        rq, cq = r < Q, c < Q
+        rr, cc = r.clamp(max=Q - 1), c.clamp(max=Q - 1)
+        rg, cg = (r - Q).clamp(min=0), (c - Q).clamp(min=0)
+        v = torch.where(rq, torch.where(cq, q_q[rr, cc], q_g[rr, cg]),
+                        torch.where(cq, q_g[cc, rg], g_g[rg, cg]))
+        return (v * v).float()
 
-    return _re_rank_core(Q, Q + G, rows, pairs, k1, k2, lambda_value)
+    return _re_rank_core(Q, N, rows, pairs, k1, k2, lambda_value, dev)
 
 
 def re_ranking_features(q_feats, g_feats, distance='global', k1=20, k2=6, lambda_value=0.3,
@@ -76,16 +84,13 @@ def re_ranking_features(q_feats, g_feats, distance='global', k1=20, k2=6, lambda
 
     q_feats, g_feats: dicts with 'global' [N, C] and/or 'local' [N, h, c] (or the arrays), as
     for evaluation.compute_dist; distance 'global' | 'local' | 'global_local' (normalize,
-    metric as there). Distances are computed `block_rows` rows at a time (rows of the symmetric
-    (Q+G) x (Q+G) matrix), reduced on the fly to each row's max and k1+1 nearest neighbours;
-    the distances V needs are recomputed for the few pairs involved. Same result as
+    metric as there). Distances are computed on `device` (default: the features' device when
+    they are tensors, else the CPU) `block_rows` rows at a time (rows of the symmetric
+    (Q+G) x (Q+G) matrix; default: a block of bounded size), reduced on the fly to each row's
+    max and nearest neighbours; the re-ranking then runs on the same device, and the distances
+    V needs are recomputed for the few pairs involved. Same result as
     re_ranking(compute_dist(q, g), compute_dist(q, q), compute_dist(g, g)) up to float32
     rounding of the distances. Returns np.float32 [Q, G]."""
-    def cat(key):
-        a = q_feats[key] if isinstance(q_feats, dict) else q_feats
-        b = g_feats[key] if isinstance(g_feats, dict) else g_feats
-        return torch.cat([torch.as_tensor(a).float(), torch.as_tensor(b).float()], 0)
-
     keys = {'global': ('global',), 'local': ('local',), 'global_local': ('global', 'local')}
     if distance not in keys:
         raise ValueError(f"re_ranking_features: distance must be one of {tuple(keys)}, "
@@ -95,125 +100,189 @@ def re_ranking_features(q_feats, g_feats, distance='global', k1=20, k2=6, lambda
         if missing:
             raise ValueError(f"re_ranking_features: distance {distance!r} needs {missing} "
                              f"features in both dicts")
+    first = q_feats[keys[distance][0]] if isinstance(q_feats, dict) else q_feats
+    dev = _pick_device(device, first)
+
+    def cat(key):
+        a = q_feats[key] if isinstance(q_feats, dict) else q_feats
+        b = g_feats[key] if isinstance(g_feats, dict) else g_feats
+        return torch.cat([torch.as_tensor(a).to(dev, torch.float32),
+                          torch.as_tensor(b).to(dev, torch.float32)], 0)
+
     allf = {k: cat(k) for k in keys[distance]}
-    Q = len(q_feats[keys[distance][0]] if isinstance(q_feats, dict) else q_feats)
+    Q = len(first)
     N = len(allf[keys[distance][0]])
     kw = dict(distance=distance, normalize=normalize, metric=metric)
 
-    def rows(s, e):
-        d = compute_dist({k: v[s:e] for k, v in allf.items()}, allf, device=device, **kw)
-        return d * d
+    def rows(s, e, out):
+        d = torch.from_numpy(compute_dist({k: v[s:e] for k, v in allf.items()}, allf,
+                                          device=dev, **kw))
+        out = out[:e - s]
+        out.copy_(d)
+        return out.mul_(out)
+
+    per_pair = sum(v[0].numel() for v in allf.values())
+    step = max(1, _PAIR_BUDGET * 4 // max(1, per_pair))       # bounds the gathered features
 
     def pairs(i, j):
-        out = np.empty(len(i), dtype=np.float32)
-        step = 1 << 16
+        out = torch.empty(len(i), dtype=torch.float32, device=dev)
         for s in range(0, len(i), step):
-            ii = torch.from_numpy(i[s:s + step])
-            jj = torch.from_numpy(j[s:s + step])
-            d = pair_dist({k: v[jj] for k, v in allf.items()},
-                          {k: v[ii] for k, v in allf.items()}, **kw).cpu().numpy()
-            out[s:s + step] = d * d
+            ii, jj = i[s:s + step], j[s:s + step]
+            out[s:s + step] = pair_dist({k: v[jj] for k, v in allf.items()},
+                                        {k: v[ii] for k, v in allf.items()}, **kw).square()
         return out
 
-    return _re_rank_core(Q, N, rows, pairs, k1, k2, lambda_value, block_rows)
+    return _re_rank_core(Q, N, rows, pairs, k1, k2, lambda_value, dev, block_rows)
 
 
 # ----------------------------------------------------------------------------- the core
 
-def _np(x, name):
-    if isinstance(x, torch.Tensor):
-        x = x.detach().cpu().numpy()
-    x = np.asarray(x)
-    if x.ndim != 2:
-        raise ValueError(f"re_ranking: {name} must be 2-D, got shape {x.shape}")
-    if not np.issubdtype(x.dtype, np.floating):
-        x = x.astype(np.float64)
-    return x
+def _pick_device(device, x):
+    if device is not None:
+        return torch.device(device)
+    return x.device if isinstance(x, torch.Tensor) else torch.device('cpu')
 
 
-def _nearest(d2, m, K, chunk=16):
-    """Indices of the K smallest entries of each row of T = d2 / m (d2 [B, N] np.float32,
-    m [B]), ascending, ties in T by lower index (the order a stable argsort of T gives)
-    -> np.int64 [B, K].
+def _matrix(x, name, device):
+    t = x.detach() if isinstance(x, torch.Tensor) else torch.as_tensor(np.asarray(x))
+    if t.dim() != 2:
+        raise ValueError(f"re_ranking: {name} must be 2-D, got shape {tuple(t.shape)}")
+    if not t.is_floating_point():
+        t = t.double()
+    elif t.dtype in (torch.float16, torch.bfloat16):
+        t = t.float()
+    return t.to(device)
 
-    Exact two-stage selection: the K + 1 smallest values of a row lie in the K + 1 column
-    chunks (strided sets of columns) with the smallest minima, so only those are sorted. Dividing by m > 0 keeps
-    the order of d2 but may merge neighbours into ties; rows with a tie in T among the K + 1
-    candidates, or tied chunk minima at the boundary, are redone with a stable sort of T."""
+
+def _scratch(store, name, numel, device, dtype=torch.float32):
+    """A flat buffer of at least `numel` elements, reused between blocks."""
+    buf = store.get(name)
+    if buf is None or buf.numel() < numel:
+        buf = store[name] = torch.empty(numel, dtype=dtype, device=device)
+    return buf[:numel]
+
+
+def _block_elements(device):
+    """Cells of one dense row block: bounded on the CPU (cache, page faults); on a GPU a
+    share of the free memory, so that few large blocks keep it busy."""
+    if device.type == 'cuda':
+        free, _ = torch.cuda.mem_get_info(device)
+        return int(min(1 << 28, max(_BLOCK_ELEMENTS, free // 64)))
+    return _BLOCK_ELEMENTS
+
+
+def _pair_budget(device):
+    """(entry, row) pairs expanded at once: small on the CPU, larger on a GPU."""
+    return _PAIR_BUDGET * 16 if device.type == 'cuda' else _PAIR_BUDGET
+
+
+def _nearest(d2, m, K):
+    """Indices of the K smallest entries of each row of T = d2 / m (d2 [B, N] float32,
+    m [B] > 0), ascending, ties in T by lower index (the order a stable argsort of T gives)
+    -> int64 [B, K], on d2's device.
+
+    Dividing by m > 0 keeps the order of d2 but may merge neighbours into ties, so the K + 1
+    smallest d2 are taken (any order among equal d2), put in (T, index) order, and kept when
+    the K-th and (K+1)-th T differ: then nothing outside them can tie with the K-th. Rows with
+    a tie at that boundary are redone with a stable sort of T."""
     B, n = d2.shape
-    width = n // chunk                                         # chunk c: columns c + k * width
-    if width <= K + 2:                                         # small rows: sort them all
-        return np.argsort(d2 / m[:, None], axis=1, kind='stable')[:, :K]
-    steps = np.arange(0, n, width)                             # ceil(n / width) offsets
-    mins = d2[:, :width].copy()
-    for a in steps[1:]:
-        part = d2[:, a:a + width]                              # the last one may be shorter
-        np.minimum(mins[:, :part.shape[1]], part, out=mins[:, :part.shape[1]])
-    pick = np.argpartition(mins, K + 1, axis=1)[:, :K + 2]     # the K + 2 smallest chunks
-    pm = np.take_along_axis(mins, pick, 1)
-    o = np.argsort(pm, axis=1, kind='stable')
-    pick, pm = np.take_along_axis(pick, o, 1), np.take_along_axis(pm, o, 1)
-    boundary_tie = pm[:, K] == pm[:, K + 1]
-    cols = (pick[:, :K + 1, None] + steps).reshape(B, -1)
-    cols = np.where(cols < n, cols, pick[:, :K + 1, None].repeat(len(steps), 2).reshape(B, -1))
-    cand = np.take_along_axis(d2, cols, 1) / m[:, None]        # T of the candidates
-    o = np.lexsort((cols, cand), axis=1)                       # by T, then column
-    cand = np.take_along_axis(cand, o, 1)
-    cols = np.take_along_axis(cols, o, 1)
-    # drop repeated columns (padding of chunks without a leftover column)
-    same = np.zeros(cols.shape, dtype=bool)
-    same[:, 1:] = cols[:, 1:] == cols[:, :-1]
-    cand = np.where(same, np.inf, cand)
-    o = np.argsort(cand, axis=1, kind='stable')
-    cand = np.take_along_axis(cand, o, 1)[:, :K + 1]
-    idx = np.take_along_axis(cols, o, 1)[:, :K].copy()
-    tied = (cand[:, 1:] == cand[:, :-1]).any(1) | boundary_tie
-    for r in np.flatnonzero(tied):
-        idx[r] = np.argsort(d2[r] / m[r], kind='stable')[:K]
-    return idx
+    kc = min(n, K + 1)
+    v, idx = torch.topk(d2, kc, dim=1, largest=False, sorted=False)
+    idx, o = idx.sort(1)                                       # index order, then stable by T
+    t = v.gather(1, o) / m[:, None]
+    t, o = t.sort(dim=1, stable=True)
+    idx = idx.gather(1, o)
+    if kc == K + 1:
+        tied = torch.nonzero(t[:, K] == t[:, K - 1]).flatten()
+        if len(tied):
+            full = torch.sort(d2[tied] / m[tied, None], dim=1, stable=True)[1]
+            idx[tied] = full[:, :kc]
+    return idx[:, :K]
 
 
 def _reciprocal(nn, block):
     """nn [N, k] nearest neighbours (self included) -> [N, k] where entry c keeps nn[i, c]
     if i is among nn[nn[i, c]] (k-reciprocal), else -1; forward order kept."""
-    out = np.full(nn.shape, -1, dtype=np.int64)
+    out = torch.empty_like(nn)
     for s in range(0, len(nn), block):
         f = nn[s:s + block]                                    # [B, k]
-        back = nn[f]                                           # [B, k, k]
-        me = np.arange(s, s + len(f))[:, None, None]
-        ok = (back == me).any(2)
-        out[s:s + block] = np.where(ok, f, -1)
+        me = torch.arange(s, s + len(f), device=nn.device)[:, None, None]
+        ok = (nn[f] == me).any(2)                              # nn[f]: [B, k, k]
+        out[s:s + block] = torch.where(ok, f, torch.full_like(f, -1))
     return out
 
 
 def _expansion(R, H, block):
     """k-reciprocal expansion (Zhong et al., Sec. 4.1). R [N, k1+1] k1-reciprocal sets,
     H [N, kh+1] round(k1/2)-reciprocal sets (-1 = empty slot). A member c of R(i) adds H(c)
-    when |H(c) & R(i)| > 2/3 |H(c)|. Returns CSR-style (indptr, indices) of the unique,
-    sorted expanded sets."""
+    when |H(c) & R(i)| > 2/3 |H(c)|. Returns (counts [N], columns) of the unique, sorted
+    expanded sets, row after row."""
     counts, cols = [], []
     for s in range(0, len(R), block):
         r = R[s:s + block]                                     # [B, k]
-        h = H[np.maximum(r, 0)]                                # [B, k, kh]
+        h = H[r.clamp(min=0)]                                  # [B, k, kh]
         hvalid = (h >= 0) & (r >= 0)[:, :, None]
         member = (h[..., None] == r[:, None, None, :]).any(-1) & hvalid
         size = hvalid.sum(-1)
-        accept = (member.sum(-1) > 2. / 3 * size) & (r >= 0)   # the published test, as written
-        add = np.where(accept[..., None] & hvalid, h, -1).reshape(len(r), -1)
-        allm = np.sort(np.concatenate([r, add], 1), axis=1)    # [B, k + k*kh]
+        accept = (member.sum(-1).double() > 2. / 3 * size.double()) & (r >= 0)  # as published
+        add = torch.where(accept[..., None] & hvalid, h, torch.full_like(h, -1))
+        allm = torch.cat([r, add.reshape(len(r), -1)], 1).sort(1)[0]  # [B, k + k * kh]
         keep = allm >= 0
         keep[:, 1:] &= allm[:, 1:] != allm[:, :-1]
         counts.append(keep.sum(1))
         cols.append(allm[keep])
-    counts = np.concatenate(counts)
-    indptr = np.concatenate([[0], np.cumsum(counts)])
-    return indptr, np.concatenate(cols)
+    return torch.cat(counts), torch.cat(cols)
 
 
-def _re_rank_core(Q, N, rows, pairs, k1, k2, lambda_value, block_rows=None):
-    """Shared implementation. rows(s, e) -> np.float32 [B, N]: rows s:e of the squared
-    distances whose row max normalises T; pairs(i, j) -> np.float32 [P]: the same values at
-    explicit (row, column) pairs. Returns the final distance np.float32 [Q, N - Q]."""
+def _ranges(counts, budget):
+    """Split rows into consecutive groups whose summed counts [R] stay within `budget` (a row
+    above it goes alone) -> list of (start, end) row ranges."""
+    csum = np.concatenate([[0], torch.cumsum(counts, 0).cpu().numpy()])
+    out, s, n = [], 0, len(counts)
+    while s < n:
+        e = max(s + 1, int(np.searchsorted(csum, csum[s] + budget, 'right')) - 1)
+        out.append((s, e))
+        s = e
+    return out
+
+
+def _gather_rows(indptr, src, device):
+    """Positions of the entries of CSR rows src [S] (indptr [R+1]) -> (owner [P] index into
+    src, pos [P] entry positions), the rows' entries one after another."""
+    lens = indptr[src + 1] - indptr[src]
+    owner = torch.repeat_interleave(torch.arange(len(src), device=device), lens)
+    first = torch.cumsum(lens, 0) - lens
+    pos = indptr[src][owner] + torch.arange(len(owner), device=device) - first[owner]
+    return owner, pos
+
+
+def _query_expansion(indptr, cols, vals, nearest, kk, N, device, budget):
+    """V_qe[i] = mean of V rows nearest[i, :kk] (CSR in, CSR out with sorted columns)."""
+    lens = (indptr[1:] - indptr[:-1])[nearest[:, :kk]].sum(1)         # entries before merging
+    out_counts, out_cols, out_vals = [], [], []
+    for s, e in _ranges(lens, budget):
+        src = nearest[s:e, :kk].reshape(-1)
+        owner, pos = _gather_rows(indptr, src, device)
+        row = owner // kk                                               # local row in s:e
+        key = row * N + cols[pos]
+        key, o = key.sort()
+        uniq, inv = torch.unique_consecutive(key, return_inverse=True)
+        v = torch.zeros(len(uniq), dtype=torch.float32, device=device)
+        v.index_add_(0, inv, vals[pos][o])
+        out_counts.append(torch.bincount(uniq // N, minlength=e - s))
+        out_cols.append(uniq % N)
+        out_vals.append(v / kk)
+    counts = torch.cat(out_counts)
+    indptr = torch.zeros(N + 1, dtype=torch.int64, device=device)
+    indptr[1:] = torch.cumsum(counts, 0)
+    return indptr, torch.cat(out_cols), torch.cat(out_vals)
+
+
+def _re_rank_core(Q, N, rows, pairs, k1, k2, lambda_value, device, block_rows=None):
+    """Shared implementation. rows(s, e, out) -> float32 [B, N] on `device`: rows s:e of the
+    squared distances whose row max normalises T, written into (a prefix of) out [>= B, N];
+    pairs(i, j) -> float32 [P]: the same values at explicit (row, column) pairs (int64
+    tensors on `device`). Returns the final distance np.float32 [Q, N - Q]."""
     if k1 < 1 or k2 < 1:
         raise ValueError(f"re_ranking: k1 and k2 must be >= 1, got k1={k1}, k2={k2}")
     if not 0. <= lambda_value <= 1.:
@@ -221,60 +290,79 @@ def _re_rank_core(Q, N, rows, pairs, k1, k2, lambda_value, block_rows=None):
     G = N - Q
     kh = int(np.around(k1 / 2.))
     K = min(N, max(k1 + 1, kh + 1, k2))
-    block = block_rows or max(1, _BLOCK_ELEMENTS // max(1, N))
-    rowmax = np.empty(N, dtype=np.float32)
-    nearest = np.empty((N, K), dtype=np.int64)                 # initial_rank[:, :K]
-    final = np.empty((Q, G), dtype=np.float32)
-    # Pass 1: normalised rows -> max, nearest neighbours, query x gallery part of T.
-    for s in range(0, N, block):
-        e = min(N, s + block)
-        d2 = rows(s, e)                                        # [B, N] np.float32
-        m = d2.max(1)                                          # NaN propagates
-        if np.isnan(m).any():
-            raise ValueError("re_ranking: the distances hold NaN")
-        m = np.where(m > 0, m, np.float32(1.))                 # all-zero row: leave it at 0
-        rowmax[s:e] = m
-        nearest[s:e] = _nearest(d2, m, K)
-        if s < Q:
-            b = min(e, Q) - s
-            final[s:s + b] = d2[:b, Q:] / m[:b, None]
-        del d2
-    # k-reciprocal sets and their expansion.
-    sblock = max(1, (1 << 21) // (K * K))
-    R = _reciprocal(nearest[:, :min(N, k1 + 1)], sblock)
-    H = _reciprocal(nearest[:, :min(N, kh + 1)], sblock)
-    indptr, cols = _expansion(R, H, sblock)
-    rows_of = np.repeat(np.arange(N), np.diff(indptr))
-    t_vals = pairs(rows_of, cols) / rowmax[rows_of]            # T[i, j], float32
-    w = np.exp(-t_vals.astype(np.float32))
-    wsum = np.bincount(rows_of, weights=w, minlength=N).astype(np.float32)
-    V = sp.csr_matrix((w / wsum[rows_of], cols, indptr), shape=(N, N), dtype=np.float32)
-    del R, H, rows_of, cols, w, t_vals
-    if k2 != 1:
-        kk = min(k2, N)
-        sel = sp.csr_matrix((np.ones(N * kk, dtype=np.float32), nearest[:, :kk].ravel(),
-                             np.arange(0, N * kk + 1, kk)), shape=(N, N))
-        V = (sel @ V).astype(np.float32) / np.float32(kk)
-        V = sp.csr_matrix(V)
-    del nearest
-    V.sort_indices()
-    # Jaccard distance of query rows to gallery rows: sum_k min(V[i, k], V[j, k]).
-    Vq = V[:Q]
-    Vg_cols = sp.csr_matrix(V[Q:].T)                           # [N, G]: column k -> gallery rows
-    col_ptr, col_rows, col_vals = Vg_cols.indptr, Vg_cols.indices, Vg_cols.data
-    qblock = max(1, _BLOCK_ELEMENTS // max(1, G))
-    for s in range(0, Q, qblock):
-        e = min(Q, s + qblock)
-        sub = Vq[s:e]
-        qi = np.repeat(np.arange(e - s), np.diff(sub.indptr))  # local query row of each entry
-        k, a = sub.indices, sub.data
-        lens = col_ptr[k + 1] - col_ptr[k]
-        rep = np.repeat(np.arange(len(k)), lens)               # entry -> expanded pairs
-        offs = np.arange(len(rep)) - np.repeat(np.cumsum(lens) - lens, lens)
-        pos = col_ptr[k][rep] + offs
-        mins = np.minimum(a[rep], col_vals[pos])
-        tmin = np.bincount(qi[rep] * G + col_rows[pos], weights=mins,
-                           minlength=(e - s) * G).astype(np.float32).reshape(e - s, G)
-        jac = np.float32(1.) - tmin / (np.float32(2.) - tmin)
-        final[s:e] = jac * (1 - lambda_value) + final[s:e] * lambda_value
-    return final
+    block = block_rows or max(1, _block_elements(device) // max(1, N))
+    with torch.no_grad():
+        rowmax = torch.empty(N, dtype=torch.float32, device=device)
+        nearest = torch.empty((N, K), dtype=torch.int64, device=device)   # initial_rank[:, :K]
+        final = torch.empty((Q, G), dtype=torch.float32, device=device)
+        # Pass 1: rows of T's numerator -> max, nearest neighbours, query x gallery part of T.
+        buf = torch.empty((min(block, N), N), dtype=torch.float32, device=device)
+        for s in range(0, N, block):
+            e = min(N, s + block)
+            d2 = rows(s, e, buf)                               # [B, N]
+            m = d2.amax(1)                                     # NaN propagates
+            if torch.isnan(m).any():
+                raise ValueError("re_ranking: the distances hold NaN")
+            m = torch.where(m > 0, m, torch.ones_like(m))      # all-zero row: leave it at 0
+            rowmax[s:e] = m
+            nearest[s:e] = _nearest(d2, m, K)
+            if s < Q:
+                b = min(e, Q) - s
+                torch.div(d2[:b, Q:], m[:b, None], out=final[s:s + b])
+        del buf
+        # k-reciprocal sets, their expansion, and V (CSR: indptr, cols, vals).
+        sblock = max(1, _pair_budget(device) // (K * K))
+        R = _reciprocal(nearest[:, :min(N, k1 + 1)].contiguous(), sblock)
+        H = _reciprocal(nearest[:, :min(N, kh + 1)].contiguous(), sblock)
+        counts, cols = _expansion(R, H, sblock)
+        del R, H
+        indptr = torch.zeros(N + 1, dtype=torch.int64, device=device)
+        indptr[1:] = torch.cumsum(counts, 0)
+        rows_of = torch.repeat_interleave(torch.arange(N, device=device), counts)
+        w = torch.exp(-(pairs(rows_of, cols) / rowmax[rows_of]))       # exp(-T[i, j])
+        wsum = torch.zeros(N, dtype=torch.float32, device=device).index_add_(0, rows_of, w)
+        vals = w / wsum[rows_of]
+        del rows_of, w
+        if k2 != 1:
+            indptr, cols, vals = _query_expansion(indptr, cols, vals, nearest, min(k2, N), N,
+                                                  device, _pair_budget(device))
+        del nearest
+        # Inverted index of the gallery rows of V: for each column k, the gallery rows
+        # holding it and their values.
+        gstart = int(indptr[Q])
+        g_rows = torch.repeat_interleave(torch.arange(G, device=device),
+                                         indptr[Q + 1:] - indptr[Q:-1])
+        g_cols = cols[gstart:]
+        g_cols, o = g_cols.sort(stable=True)
+        col_rows, col_vals = g_rows[o], vals[gstart:][o]
+        del g_rows, o
+        col_ptr = torch.zeros(N + 1, dtype=torch.int64, device=device)
+        col_ptr[1:] = torch.cumsum(torch.bincount(g_cols, minlength=N), 0)
+        del g_cols
+        col_len = col_ptr[1:] - col_ptr[:-1]
+        # Jaccard distance of query rows to gallery rows: sum_k min(V[i, k], V[j, k]), over
+        # the (query entry, gallery row) pairs that share a column, in blocks of queries.
+        q_cols, q_vals = cols[:gstart], vals[:gstart]
+        entry_pairs = col_len[q_cols]                                   # pairs per entry
+        q_rows = torch.repeat_interleave(torch.arange(Q, device=device),
+                                         indptr[1:Q + 1] - indptr[:Q])
+        per_query = torch.zeros(Q, dtype=torch.int64, device=device).index_add_(
+            0, q_rows, entry_pairs)
+        qcap = max(1, _block_elements(device) // max(1, G))
+        acc_buf = None
+        for s0, e0 in _ranges(per_query, _pair_budget(device)):
+            for s in range(s0, e0, qcap):
+                e = min(e0, s + qcap)
+                a, b = int(indptr[s]), int(indptr[e])
+                owner, pos = _gather_rows(col_ptr, q_cols[a:b], device)
+                mins = torch.minimum(q_vals[a:b][owner], col_vals[pos])
+                cell = (q_rows[a:b][owner] - s) * G + col_rows[pos]
+                if acc_buf is None or acc_buf.numel() < (e - s) * G:
+                    acc_buf = torch.empty(max((e - s) * G, min(Q, qcap) * G),
+                                          dtype=torch.float32, device=device)
+                acc = acc_buf[:(e - s) * G].zero_()
+                acc.index_add_(0, cell, mins)
+                tmin = acc.view(e - s, G)
+                jac = tmin.div_(2. - tmin).neg_().add_(1.)              # 1 - t / (2 - t)
+                final[s:e].mul_(lambda_value).add_(jac, alpha=1 - lambda_value)
+        return final.cpu().numpy()

@@ -3,11 +3,15 @@ re-ranking vs the dense loop implementation (time, peak memory), query x gallery
 
     python bench/evaluation.py                 # Market-1501 scale, all three comparisons
     python bench/evaluation.py --msmt17        # re-ranking from features at MSMT17 scale
+    python bench/evaluation.py --parts re_rank --features clustered --dim 128
+                                               # tight identity clusters (751 ids), 128-d
 Peak memory is measured in a spawned child: VmHWM from /proc/self/status after the inputs are
-loaded and the high-water mark reset (/proc/self/clear_refs), minus VmRSS at that moment."""
+loaded and the high-water mark reset (/proc/self/clear_refs), minus VmRSS at that moment; the
+child's user and system CPU seconds and minor page faults come from resource.getrusage."""
 import argparse
 import multiprocessing as mp
 import os
+import resource
 import sys
 import tempfile
 import time
@@ -45,6 +49,21 @@ def market_like(num_query=3368, num_gallery=15913, num_ids=750, num_cams=6,
     qf, q_ids, q_cams = draw(num_query)
     gf, g_ids, g_cams = draw(num_gallery, num_distractors)
     return qf, gf, q_ids, g_ids, q_cams, g_cams
+
+
+def clustered_like(num_query=3368, num_gallery=15913, num_ids=751, num_cams=6, dim=128,
+                   spread=0.6, seed=0):
+    """Tight identity clusters (centres N(0, 1), images centre + spread * N(0, 1)), so that
+    every k-reciprocal set is full and many expansions are accepted: the heavy case for
+    re-ranking. Same return values as market_like."""
+    rng = np.random.default_rng(seed)
+    centres = rng.standard_normal((num_ids, dim))
+    ids = rng.integers(0, num_ids, num_query + num_gallery)
+    f = (centres[ids] + spread * rng.standard_normal((len(ids), dim))).astype(np.float32)
+    cams = rng.integers(1, num_cams + 1, len(ids))
+    ids = ids + 1
+    return (f[:num_query], f[num_query:], ids[:num_query], ids[num_query:], cams[:num_query],
+            cams[num_query:])
 
 
 # ----------------------------------------------------------------------------- baselines
@@ -154,37 +173,53 @@ def _status_kb(key):
     raise RuntimeError(f"no {key} in /proc/self/status")
 
 
-def _child(conn, job, paths, out_path):
-    torch.set_num_threads(torch.get_num_threads())
+def _child(conn, job, paths, out_path, threads):
+    torch.set_num_threads(threads or torch.get_num_threads())
     arrays = [np.load(p) for p in paths]
     with open('/proc/self/clear_refs', 'w') as f:
         f.write('5')                                            # reset VmHWM to VmRSS
     base = _status_kb('VmRSS')
+    r0 = resource.getrusage(resource.RUSAGE_SELF)
     t0 = time.perf_counter()
     out = job(*arrays)
     seconds = time.perf_counter() - t0
+    r1 = resource.getrusage(resource.RUSAGE_SELF)
     peak = _status_kb('VmHWM') - base
+    usage = {'user': r1.ru_utime - r0.ru_utime, 'sys': r1.ru_stime - r0.ru_stime,
+             'minflt': r1.ru_minflt - r0.ru_minflt}
     if out_path is None:
-        conn.send((seconds, peak / 1024. ** 2, (out.shape, out.dtype.str, out.nbytes)))
+        conn.send((seconds, peak / 1024. ** 2, (out.shape, out.dtype.str, out.nbytes), usage))
     else:
         np.save(out_path, out)
-        conn.send((seconds, peak / 1024. ** 2, None))
+        conn.send((seconds, peak / 1024. ** 2, None, usage))
     conn.close()
 
 
-def measured(job, paths, tmp, name, keep_result=True):
+def measured(job, paths, tmp, name, keep_result=True, threads=None):
     """Run job(*np.load(paths)) in a spawned child -> (seconds, peak GB above inputs, result);
-    with keep_result=False the result is (shape, dtype, nbytes) only."""
+    with keep_result=False the result is (shape, dtype, nbytes) only. The child's CPU usage
+    (user / sys seconds, minor page faults) is kept in LAST_USAGE. threads: torch CPU threads
+    of the child (default: torch's choice)."""
     out_path = os.path.join(tmp, name + '.npy') if keep_result else None
     ctx = mp.get_context('spawn')          # a forked child can hang in torch's thread pool
     recv, send = ctx.Pipe(duplex=False)
-    p = ctx.Process(target=_child, args=(send, job, paths, out_path))
+    p = ctx.Process(target=_child, args=(send, job, paths, out_path, threads))
     p.start()
-    seconds, peak, info = recv.recv()
+    seconds, peak, info, usage = recv.recv()
+    LAST_USAGE.clear()
+    LAST_USAGE.update(usage)
     p.join()
     if p.exitcode != 0:
         raise RuntimeError(f"{name}: child exited with {p.exitcode}")
     return seconds, peak, np.load(out_path) if keep_result else info
+
+
+LAST_USAGE = {}
+
+
+def usage_str():
+    u = LAST_USAGE
+    return f"(user {u['user']:.1f} s, sys {u['sys']:.2f} s, {u['minflt'] / 1e3:.0f}k page faults)"
 
 
 def _rr_matrix(q_g, q_q, g_g):
@@ -225,8 +260,9 @@ def bench_rank(q_g, q_ids, g_ids, q_cams, g_cams):
           f" (its unstable sort orders float32 ties arbitrarily)")
 
 
-def bench_re_ranking(qf, gf, q_ids, g_ids, q_cams, g_cams, tmp, dense):
-    print(f"\n== re-ranking, {len(qf)} + {len(gf)} = {len(qf) + len(gf)} images ==")
+def bench_re_ranking(qf, gf, q_ids, g_ids, q_cams, g_cams, tmp, dense, threads=None):
+    print(f"\n== re-ranking, {len(qf)} + {len(gf)} = {len(qf) + len(gf)} images, dim {qf.shape[1]}, "
+          f"torch threads {threads or torch.get_num_threads()} ==")
     mats = [compute_dist(a, b) for a, b in ((qf, gf), (qf, qf), (gf, gf))]
     paths = []
     for name, m in zip(('q_g', 'q_q', 'g_g'), mats):
@@ -235,23 +271,25 @@ def bench_re_ranking(qf, gf, q_ids, g_ids, q_cams, g_cams, tmp, dense):
     fpaths = [os.path.join(tmp, 'qf.npy'), os.path.join(tmp, 'gf.npy')]
     np.save(fpaths[0], qf)
     np.save(fpaths[1], gf)
-    t_m, peak_m, rr_m = measured(_rr_matrix, paths, tmp, 'ours_matrix')
+    t_m, peak_m, rr_m = measured(_rr_matrix, paths, tmp, 'ours_matrix', threads=threads)
     res_m = evaluate_rank(rr_m, q_ids, g_ids, q_cams, g_cams)
     print(f"re_ranking (matrices)         : {t_m:7.2f} s  peak above inputs {peak_m:5.2f} GB  "
-          f"Rank-1 {100 * res_m['cmc'][0]:.4f}  mAP {100 * res_m['mAP']:.6f}")
-    t_f, peak_f, rr_f = measured(_rr_features, fpaths, tmp, 'ours_features')
+          f"Rank-1 {100 * res_m['cmc'][0]:.4f}  mAP {100 * res_m['mAP']:.6f}  {usage_str()}")
+    t_f, peak_f, rr_f = measured(_rr_features, fpaths, tmp, 'ours_features', threads=threads)
     res_f = evaluate_rank(rr_f, q_ids, g_ids, q_cams, g_cams)
     print(f"re_ranking_features (dim {qf.shape[1]:4d}) : {t_f:7.2f} s  peak above inputs "
           f"{peak_f:5.2f} GB  Rank-1 {100 * res_f['cmc'][0]:.4f}  mAP {100 * res_f['mAP']:.6f}"
-          f"  (max |diff| vs matrices {np.abs(rr_f - rr_m).max():.1e})")
+          f"  (max |diff| vs matrices {np.abs(rr_f - rr_m).max():.1e})  {usage_str()}")
     if dense:
         t_d, peak_d, rr_d = measured(dense_re_ranking, paths, tmp, 'dense')
         res_d = evaluate_rank(rr_d, q_ids, g_ids, q_cams, g_cams)
         print(f"dense loop implementation     : {t_d:7.2f} s  peak above inputs {peak_d:5.2f} GB  "
-              f"Rank-1 {100 * res_d['cmc'][0]:.4f}  mAP {100 * res_d['mAP']:.6f}")
+              f"Rank-1 {100 * res_d['cmc'][0]:.4f}  mAP {100 * res_d['mAP']:.6f}  {usage_str()}")
         print(f"speed-up {t_d / t_m:.1f}x (matrices), memory {peak_d / max(peak_m, 1e-9):.1f}x less;"
               f" max |final diff| {np.abs(rr_d - rr_m).max():.1e}, "
               f"|mAP diff| {abs(res_d['mAP'] - res_m['mAP']):.1e}")
+        return {'matrices': (t_m, peak_m), 'features': (t_f, peak_f), 'dense': (t_d, peak_d)}
+    return {'matrices': (t_m, peak_m), 'features': (t_f, peak_f)}
 
 
 def bench_local(num_query, num_gallery, stripes=8, dim=128, seed=0):
@@ -274,7 +312,7 @@ def bench_local(num_query, num_gallery, stripes=8, dim=128, seed=0):
     torch.set_num_threads(threads)
 
 
-def bench_msmt17(dim, tmp):
+def bench_msmt17(dim, tmp, threads=None):
     print(f"\n== re_ranking_features at MSMT17 scale: 11659 x 82161, dim {dim} ==")
     qf, gf, *_ = market_like(11659, 82161, num_ids=3060, num_cams=15, num_distractors=0,
                              dim=dim, seed=1)
@@ -283,10 +321,10 @@ def bench_msmt17(dim, tmp):
     np.save(fpaths[1], gf)
     del qf, gf
     t, peak, (shape, dtype, nbytes) = measured(_rr_features, fpaths, tmp, 'msmt',
-                                               keep_result=False)
+                                               keep_result=False, threads=threads)
     print(f"re_ranking_features: {t:.1f} s, peak above inputs {peak:.2f} GB (the {shape} {dtype} "
           f"output alone is {nbytes / 1024 ** 3:.2f} GB); a dense (Q+G)^2 float32 matrix "
-          f"would be {(11659 + 82161) ** 2 * 4 / 1024 ** 3:.0f} GB")
+          f"would be {(11659 + 82161) ** 2 * 4 / 1024 ** 3:.0f} GB  {usage_str()}")
 
 
 def build_parser():
@@ -299,6 +337,11 @@ def build_parser():
     p.add_argument('--parts', nargs='+', default=['rank', 're_rank', 'local'],
                    choices=['rank', 're_rank', 'local'],
                    help='which Market-1501-scale comparisons to run (default: all three)')
+    p.add_argument('--features', choices=('market_like', 'clustered'), default='market_like',
+                   help='synthetic features: market_like (750 ids, camera shifts, distractors) or '
+                        'clustered (751 tight identity clusters). Default: market_like')
+    p.add_argument('--threads', type=int, default=None,
+                   help="torch CPU threads of the re-ranking runs. Default: torch's choice")
     p.add_argument('--msmt17', action='store_true',
                    help='only run re-ranking from features at MSMT17 scale (default: off)')
     return p
@@ -310,13 +353,15 @@ def main(args):
           f"(shared machine: timings vary with the load)")
     with tempfile.TemporaryDirectory() as tmp:
         if args.msmt17:
-            bench_msmt17(args.dim, tmp)
+            bench_msmt17(args.dim, tmp, args.threads)
             return
-        qf, gf, q_ids, g_ids, q_cams, g_cams = market_like(dim=args.dim)
+        make = market_like if args.features == 'market_like' else clustered_like
+        qf, gf, q_ids, g_ids, q_cams, g_cams = make(dim=args.dim)
         if 'rank' in args.parts:
             bench_rank(compute_dist(qf, gf), q_ids, g_ids, q_cams, g_cams)
         if 're_rank' in args.parts:
-            bench_re_ranking(qf, gf, q_ids, g_ids, q_cams, g_cams, tmp, not args.skip_dense)
+            bench_re_ranking(qf, gf, q_ids, g_ids, q_cams, g_cams, tmp, not args.skip_dense,
+                             args.threads)
         if 'local' in args.parts:
             bench_local(*args.local_pairs)
 

@@ -132,14 +132,14 @@ def evaluate(model, partitions, im_dir, cfg, args, device):
     """Extracts test-split features and evaluates them. Returns (features, results, table)."""
     from aligned_reid import evaluation
     transform = data.build_transform(tuple(cfg['resize_h_w']), train=False, mean=cfg['mean'], std=cfg['std'])
-    loader = data.make_test_loader(im_dir, partitions['test_im_names'], partitions['test_marks'], transform,
-                                   batch_size=args.test_batch_size, workers=args.workers,
+    names, marks = evaluation.test_images(partitions, 'test', args.multi_query)  # no unused mark-2 images
+    loader = data.make_test_loader(im_dir, names, marks, transform, batch_size=args.test_batch_size, workers=args.workers,
                                    pin_memory=device.type == 'cuda')
     feats = evaluation.extract_features(model, loader, device, flip=args.flip, amp=args.amp and device.type == 'cuda')
     results = evaluation.evaluate(feats, distances=DISTANCES[args.test_distance], re_rank=args.to_re_rank,
                                   ap_mode=args.ap_mode,
                                   multi_query=None if args.multi_query == 'none' else args.multi_query,
-                                  normalize=cfg['normalize_feature'])
+                                  normalize=cfg['normalize_feature'], device=device)
     return feats, results, evaluation.format_table(results)
 
 
@@ -155,7 +155,7 @@ def draw(feats, results, partitions, im_dir, args, cfg):
     distmat = evaluation.compute_dist(pick(q), pick(g), distance=DISTANCES[args.test_distance][0],
                                       normalize=cfg['normalize_feature'])
     distmat = distmat.cpu().numpy() if torch.is_tensor(distmat) else np.asarray(distmat)
-    names = np.asarray([os.path.join(im_dir, n) for n in partitions['test_im_names']])
+    names = np.asarray([os.path.join(im_dir, n) for n in evaluation.test_images(partitions, 'test', args.multi_query)[0]])
     ids, cams = np.asarray(feats['ids']), np.asarray(feats['cams'])
     h, w = cfg['resize_h_w']
     visualize.save_ranked_lists(distmat, ids[q], ids[g], cams[q], cams[g], list(names[q]), list(names[g]),

@@ -497,12 +497,12 @@ def evaluate(model, partitions, im_dir, split, args, device, distances=('global'
     from aligned_reid import evaluation
     transform = data.build_transform(tuple(args.resize_h_w), train=False, mean=getattr(args, 'mean', data.IMAGENET_MEAN),
                                      std=getattr(args, 'std', data.IMAGENET_STD))
-    loader = data.make_test_loader(im_dir, partitions[split + '_im_names'], partitions[split + '_marks'],
-                                   transform, batch_size=args.test_batch_size, workers=args.workers,
+    names, marks = evaluation.test_images(partitions, split)  # the multi-query images are not used here
+    loader = data.make_test_loader(im_dir, names, marks, transform, batch_size=args.test_batch_size, workers=args.workers,
                                    pin_memory=device.type == 'cuda')
     feats = evaluation.extract_features(model, loader, device, amp=amp)
     results = evaluation.evaluate(feats, distances=distances, re_rank=re_rank, ap_mode=args.ap_mode,
-                                  normalize=args.normalize_feature)
+                                  normalize=args.normalize_feature, device=device)
     return results, evaluation.format_table(results)
 
 

@@ -269,3 +269,39 @@ def test_evaluate_multi_query_uses_pooled_queries():
                             feats['ids'][g], feats['cams'][:3], feats['cams'][g])
     np.testing.assert_allclose(res['all_AP'], want['all_AP'])
     np.testing.assert_allclose(res['cmc'], want['cmc'])
+
+
+def test_test_images_drops_unused_multi_query_images():
+    parts = {'test_im_names': ['a', 'b', 'c', 'd', 'e', 'f'], 'test_marks': [0, 1, 2, 1, 2, 0],
+             'val_im_names': ['x', 'y'], 'val_marks': [1, 0]}
+    for mq in (None, 'none'):
+        assert ev.test_images(parts, 'test', mq) == (['a', 'b', 'd', 'f'], [0, 1, 1, 0])
+    for mq in ('avg', 'max'):
+        assert ev.test_images(parts, 'test', mq) == (parts['test_im_names'], parts['test_marks'])
+    assert ev.test_images(parts, 'val') == (['x', 'y'], [1, 0])
+    with pytest.raises(ValueError, match="multi_query"):
+        ev.test_images(parts, 'test', 'mean')
+    with pytest.raises(ValueError, match="test_marks"):
+        ev.test_images(dict(parts, test_marks=[0, 1]), 'test')
+
+
+@pytest.mark.parametrize("device", ['cpu'] + (['cuda'] if torch.cuda.is_available() else []))
+def test_evaluate_on_a_device(device):
+    # distances and re-ranking on `device` give the CPU results (re-ranked: the matrix entry)
+    from aligned_reid.re_ranking import re_ranking
+    rng = np.random.default_rng(6)
+    n = 160
+    ids = rng.integers(1, 20, n)
+    centres = rng.standard_normal((20, 12))
+    f = (centres[ids] + 0.5 * rng.standard_normal((n, 12))).astype(np.float32)
+    feats = {'global': f, 'local': f.reshape(n, 3, 4), 'ids': ids,
+             'cams': rng.integers(1, 4, n), 'marks': (np.arange(n) >= 40).astype(np.int64)}
+    res = ev.evaluate(feats, distances=('global', 'global_local'), re_rank=True, device=device)
+    q, g = feats['marks'] == 0, feats['marks'] == 1
+    for name in ('global', 'global_local'):
+        pick = lambda sel: {'global': f[sel], 'local': feats['local'][sel]}
+        mats = [ev.compute_dist(pick(a), pick(b), name) for a, b in ((q, g), (q, q), (g, g))]
+        for key, d in ((name, mats[0]), (name + '+re_rank', re_ranking(*mats))):
+            want = ev.evaluate_rank(d, ids[q], ids[g], feats['cams'][q], feats['cams'][g])
+            np.testing.assert_allclose(res[key]['all_AP'], want['all_AP'], atol=1e-6)
+            np.testing.assert_allclose(res[key]['cmc'], want['cmc'], atol=1e-6)

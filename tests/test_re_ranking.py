@@ -114,7 +114,8 @@ def test_nearest_selection_is_a_stable_sort(n, K):
     d2[10:20] = (d2[10:20] * 1e-3 + 1).astype(np.float32)        # ties created by the division
     m = d2.max(1) * np.float32(3.3)
     want = np.argsort(d2 / m[:, None], axis=1, kind='stable')[:, :K]
-    np.testing.assert_array_equal(_nearest(d2, m, K), want)
+    got = _nearest(torch.from_numpy(d2), torch.from_numpy(m), K).numpy()
+    np.testing.assert_array_equal(got, want)
 
 
 def test_duplicate_images_ties():
@@ -127,3 +128,90 @@ def test_duplicate_images_ties():
     for k1, k2 in ((6, 3), (3, 2)):
         np.testing.assert_allclose(re_ranking(*mats, k1=k1, k2=k2),
                                    dense_reference(*mats, k1, k2, 0.3), rtol=0, atol=1e-5)
+
+
+def test_tight_clusters_full_size_sets():
+    # Well separated identities with more images than k1: every k-reciprocal set is full and
+    # many expansions are accepted (the heavy case at Market-1501 scale).
+    rng = np.random.default_rng(21)
+    f, _ = clustered(rng, 330, 32, 11, spread=0.3)
+    q, g = f[:50], f[50:]
+    mats = [compute_dist(a, b) for a, b in ((q, g), (q, q), (g, g))]
+    np.testing.assert_allclose(re_ranking(*mats), dense_reference(*mats, 20, 6, 0.3),
+                               rtol=0, atol=1e-5)
+
+
+def test_tied_distances_in_the_matrices():
+    # Integer distances tie everywhere: neighbour order must follow the stable (index) rule.
+    rng = np.random.default_rng(5)
+    f = rng.integers(0, 4, (90, 3)).astype(np.float64)
+    d = np.abs(f[:, None] - f[None]).sum(-1)                    # L1 distances, symmetric
+    q_g, q_q, g_g = d[:20, 20:], d[:20, :20], d[20:, 20:]
+    for k1, k2 in ((6, 3), (20, 6)):
+        np.testing.assert_allclose(re_ranking(q_g, q_q, g_g, k1=k1, k2=k2),
+                                   dense_reference(q_g, q_q, g_g, k1, k2, 0.3), rtol=0, atol=1e-5)
+
+
+def test_small_blocks(monkeypatch):
+    # Tiny block and pair budgets: every blocked loop runs many times, a row alone over the
+    # budget goes in its own block.
+    import aligned_reid.re_ranking as rr
+    rng = np.random.default_rng(8)
+    q, _ = clustered(rng, 40, 8, 12)
+    g, _ = clustered(rng, 150, 8, 12)
+    mats = [compute_dist(a, b) for a, b in ((q, g), (q, q), (g, g))]
+    want = dense_reference(*mats, 10, 4, 0.3)
+    monkeypatch.setattr(rr, '_BLOCK_ELEMENTS', 700)
+    monkeypatch.setattr(rr, '_PAIR_BUDGET', 50)
+    np.testing.assert_allclose(re_ranking(*mats, k1=10, k2=4), want, rtol=0, atol=1e-5)
+    np.testing.assert_allclose(re_ranking_features(q, g, k1=10, k2=4), want, rtol=0, atol=1e-5)
+
+
+@pytest.mark.parametrize("k1,k2", [(20, 6), (4, 1), (500, 3)])
+def test_tiny_sets_and_k_above_size(k1, k2):
+    # k1 larger than the number of images, one query, one gallery image
+    rng = np.random.default_rng(k1)
+    for Q, G in ((1, 1), (3, 7), (1, 30)):
+        q, g = rng.random((Q, 5)), rng.random((G, 5))
+        mats = [compute_dist(a, b) for a, b in ((q, g), (q, q), (g, g))]
+        np.testing.assert_allclose(re_ranking(*mats, k1=k1, k2=k2),
+                                   dense_reference(*mats, k1, k2, 0.3), rtol=0, atol=1e-5)
+
+
+def _devices():
+    devs = ['cpu']
+    if torch.cuda.is_available():
+        devs.append('cuda')
+    return devs
+
+
+@pytest.mark.parametrize("device", _devices())
+def test_device_path_matrices(device):
+    # torch tensors on a device (or device=...) run there and give the CPU path's result
+    rng = np.random.default_rng(12)
+    q, _ = clustered(rng, 45, 16, 15)
+    g, _ = clustered(rng, 160, 16, 15)
+    mats = [compute_dist(a, b) for a, b in ((q, g), (q, q), (g, g))]
+    want = dense_reference(*mats, 20, 6, 0.3)
+    on_dev = [torch.from_numpy(m).to(device) for m in mats]
+    got = re_ranking(*on_dev)
+    assert isinstance(got, np.ndarray) and got.dtype == np.float32
+    np.testing.assert_allclose(got, want, rtol=0, atol=1e-5)
+    np.testing.assert_allclose(re_ranking(*mats, device=device), want, rtol=0, atol=1e-5)
+
+
+@pytest.mark.parametrize("device", _devices())
+@pytest.mark.parametrize("distance", ['global', 'local', 'global_local'])
+def test_device_path_features(device, distance):
+    rng = np.random.default_rng(13)
+    qf, _ = clustered(rng, 35, 24, 12)
+    gf, _ = clustered(rng, 140, 24, 12)
+    q = {'global': qf, 'local': qf.reshape(35, 4, 6)}
+    g = {'global': gf, 'local': gf.reshape(140, 4, 6)}
+    mats = [compute_dist(a, b, distance) for a, b in ((q, g), (q, q), (g, g))]
+    want = dense_reference(*mats, 20, 6, 0.3)
+    tq = {k: torch.from_numpy(v).to(device) for k, v in q.items()}
+    tg = {k: torch.from_numpy(v).to(device) for k, v in g.items()}
+    np.testing.assert_allclose(re_ranking_features(tq, tg, distance), want, rtol=0, atol=1e-5)
+    np.testing.assert_allclose(re_ranking_features(q, g, distance, device=device, block_rows=13),
+                               want, rtol=0, atol=1e-5)
