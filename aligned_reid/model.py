@@ -9,6 +9,8 @@ import torch
 import torch.nn as nn
 import torchvision
 
+from aligned_reid.safe_load import backbone_state
+
 logger = logging.getLogger(__name__)
 
 BACKBONES = {
@@ -89,8 +91,6 @@ class Model(nn.Module):
         otherwise a ValueError names the keys."""
         if not os.path.isfile(path):
             raise FileNotFoundError(f"pretrained weights file not found: {path}")
-        # Deferred: checkpoint builds Models, so importing it at module level would be circular.
-        from aligned_reid.checkpoint import backbone_state
         state, layout = backbone_state(path)
         return self._load_base_state(state, f"{path} ({layout})")
 

@@ -14,6 +14,8 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
+from aligned_reid.safe_load import load_file
+
 
 # ----------------------------------------------------------------------------- seeding / parsing
 
@@ -135,10 +137,9 @@ def save_checkpoint(state, path):
 
 def load_checkpoint(path, map_location='cpu'):
     """Reads a checkpoint written by save_checkpoint (or any torch file) through the safe reader
-    aligned_reid.checkpoint.load_file: no code from the file runs, tensors land on the CPU and are
+    aligned_reid.safe_load.load_file: no code from the file runs, tensors land on the CPU and are
     then moved to `map_location` when it is another device. FileNotFoundError names the path;
-    aligned_reid.checkpoint.CheckpointError (a ValueError) says what an unreadable file looks like."""
-    from aligned_reid.checkpoint import load_file  # deferred: keeps torchvision out of `import utils`
+    aligned_reid.safe_load.CheckpointError (a ValueError) says what an unreadable file looks like."""
     obj = load_file(path)
     if map_location is None or str(map_location) == 'cpu':
         return obj

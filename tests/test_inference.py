@@ -128,19 +128,20 @@ def test_load_model_layouts(world, tmp_path):
     model, cfg = load_model(str(ml), model_index=2)
     with torch.no_grad():
         torch.testing.assert_close(model(x)['global'], other(x)['global'])
-    assert cfg['layout'] == 'train.py checkpoint' and cfg['base_model'] == 'resnet18'
+    assert cfg['layout'].startswith('train_ml.py checkpoint, model 2 of 2') and cfg['base_model'] == 'resnet18'
     with pytest.raises(ValueError, match='model_index 3'):
         load_model(str(ml), model_index=3)
     bare = tmp_path / 'bare.pth'
     torch.save({'module.' + k: v for k, v in other.state_dict().items()}, str(bare))
     model, cfg = load_model(str(bare), overrides={'base_model': 'resnet18', 'local_conv_out_channels': 16,
                                                   'resize_h_w': [64, 32], 'last_stride': None})
-    assert cfg['layout'] == 'state dict' and cfg['size_from_checkpoint'] is False and cfg['last_stride'] == 2
+    assert cfg['layout'] == 'plain state dict' and cfg['size_from_checkpoint'] is True and cfg['last_stride'] == 2
     assert cfg['mean'] == list(data.IMAGENET_MEAN) and cfg['std'] == list(data.IMAGENET_STD)
     with torch.no_grad():
         torch.testing.assert_close(model(x)['local'], other(x)['local'])
-    with pytest.raises(ValueError, match='weights do not fit a resnet50 model'):
-        load_model(str(bare))
+    assert load_model(str(bare))[1]['base_model'] == 'resnet18'   # the architecture is read from the weights
+    with pytest.raises(ValueError, match='resnet50'):
+        load_model(str(bare), overrides={'base_model': 'resnet50'})
 
 
 def _run(args, capsys=None):

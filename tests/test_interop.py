@@ -10,7 +10,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from aligned_reid import checkpoint, data
+from aligned_reid import checkpoint, data, evaluation
 from aligned_reid.checkpoint import CheckpointError, load_model
 from aligned_reid.model import Model
 from aligned_reid.prepare import prepare_market_layout
@@ -197,8 +197,8 @@ def test_test_script_on_published_weights(market, tmp_path):
     assert again['global']['mAP'] == results['global']['mAP']
 
     def old_on(mean, std):
-        ds = data.TestSet(im_dir, parts['test_im_names'], parts['test_marks'],
-                          data.build_transform((64, 32), mean=mean, std=std))
+        names, marks = evaluation.test_images(parts, 'test')   # test.py leaves out the unused mark-2 images
+        ds = data.TestSet(im_dir, names, marks, data.build_transform((64, 32), mean=mean, std=std))
         return old_features(old, torch.stack([ds[i][0] for i in range(len(ds))]))
 
     g, l = old_on(checkpoint.OLD_MEAN, checkpoint.OLD_STD)
