@@ -5,7 +5,7 @@ per row block, sparse V, Jaccard distance through an inverted index."""
 import numpy as np
 import torch
 
-from .distance import compute_dist, pair_dist
+from .distance import dist_block, pair_dist
 
 # Sizes of the temporaries. Kept under glibc's largest mmap threshold (32 MB), so that freed
 # blocks are reused from the heap instead of being unmapped and faulted in again on the next
@@ -115,8 +115,7 @@ def re_ranking_features(q_feats, g_feats, distance='global', k1=20, k2=6, lambda
     kw = dict(distance=distance, normalize=normalize, metric=metric)
 
     def rows(s, e, out):
-        d = torch.from_numpy(compute_dist({k: v[s:e] for k, v in allf.items()}, allf,
-                                          device=dev, **kw))
+        d = dist_block({k: v[s:e] for k, v in allf.items()}, allf, **kw)   # [e - s, N] on dev
         out = out[:e - s]
         out.copy_(d)
         return out.mul_(out)
