@@ -350,7 +350,7 @@ class TrainLoader:
 
     pipeline = "workers"
 
-    def __init__(self, dataset, sampler, workers=2, pin_memory=False, prefetch=4):
+    def __init__(self, dataset, sampler, workers=2, pin_memory=False, prefetch=2):
         self.dataset, self.sampler, self.keys = dataset, sampler, _SlotKeys(sampler)
         self.loader = DataLoader(dataset, batch_sampler=self.keys, num_workers=workers,
                                  pin_memory=pin_memory, persistent_workers=workers > 0,
