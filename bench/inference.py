@@ -40,6 +40,7 @@ def build_parser():
     p.add_argument('--num_images', type=int, default=256, help='images extracted. Default: 256')
     p.add_argument('--batch_size', type=int, default=64, help='extraction batch size. Default: 64')
     p.add_argument('--workers', type=int, default=0, help='decoding processes of the extraction. Default: 0')
+    p.add_argument('--repeats', type=int, default=3, help='interleaved runs of each extraction route. Default: 3')
     p.add_argument('--sizes', nargs='+', default=['3368x15913', '10000x1000000'],
                    help='query x gallery sizes to search. Default: 3368x15913 10000x1000000')
     p.add_argument('--dim', type=int, default=2048, help='global feature size (resnet50: 2048). Default: 2048')
@@ -99,13 +100,14 @@ def bench_extract(args):
                 f.close()
 
         rates = {}
-        for name, fn in (('bare forward', bare), ('FeatureExtractor.extract_files', files),
-                         ('extract.py loop -> HDF5', to_hdf5)):
-            t = time.perf_counter()
-            fn()
-            rates[name] = args.num_images / (time.perf_counter() - t)
+        for _ in range(args.repeats):         # interleaved, best of each: other jobs' load comes and goes
+            for name, fn in (('bare forward', bare), ('FeatureExtractor.extract_files', files),
+                             ('extract.py loop -> HDF5', to_hdf5)):
+                t = time.perf_counter()
+                fn()
+                rates[name] = max(rates.get(name, 0.), args.num_images / (time.perf_counter() - t))
         print(f'extraction, {args.base_model} at {h}x{w}, {args.num_images} JPEG images, batch {args.batch_size}, '
-              f'{args.workers} workers, {torch.get_num_threads()} torch threads:')
+              f'{args.workers} workers, {torch.get_num_threads()} torch threads, best of {args.repeats}:')
         for name, r in rates.items():
             print(f'  {name:32s} {r:8.1f} images/s   ({r / rates["bare forward"]:.2f} x bare forward)')
 
