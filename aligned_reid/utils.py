@@ -47,6 +47,16 @@ def str2bool(v):
 
 
 
+_NUMBER = re.compile(r'^-(\d+\.?\d*|\.\d+)([eE][+-]?\d+)?$')
+
+
+def accept_negative_numbers(parser):
+    """Lets `parser` read '-1e-3' as a value, not as a flag (argparse's own test misses exponents), so a
+    negative number reaches the range check that names its flag. No flag of ours looks like a number."""
+    parser._negative_number_matcher = _NUMBER
+    return parser
+
+
 def boolean(v):
     """str2bool as an argparse `type` for the original's true/false flags; the name makes argparse
     report 'invalid boolean value'."""
@@ -354,7 +364,7 @@ def reduce_mean_scalars(values):
 def setup_logging(log_file=None, name='aligned_reid', main_process=True):
     """Returns a logger printing to stdout and, when `log_file` is given, appending to it.
 
-    On ranks other than 0 (`main_process=False`) the logger only shows warnings and writes no file.
+    On ranks other than 0 (`main_process=False`) the logger only shows errors and writes no file.
     Calling it again replaces the handlers, so scripts may call it once per run.
     """
     logger = logging.getLogger(name)
@@ -362,7 +372,7 @@ def setup_logging(log_file=None, name='aligned_reid', main_process=True):
     for h in list(logger.handlers):
         logger.removeHandler(h)
         h.close()
-    logger.setLevel(logging.INFO if main_process else logging.WARNING)
+    logger.setLevel(logging.INFO if main_process else logging.ERROR)  # under torchrun rank 0 alone talks
     fmt = logging.Formatter('%(asctime)s %(message)s', datefmt='%Y-%m-%d %H:%M:%S')
     sh = logging.StreamHandler(sys.stdout)
     sh.setFormatter(fmt)
@@ -373,6 +383,16 @@ def setup_logging(log_file=None, name='aligned_reid', main_process=True):
         fh.setFormatter(fmt)
         logger.addHandler(fh)
     return logger
+
+
+def log_error_to_file(message, name='aligned_reid'):
+    """Appends `message` at level ERROR to the log files of logger `name` (not to the console: the
+    caller prints it once as it exits)."""
+    logger = logging.getLogger(name)
+    record = logger.makeRecord(name, logging.ERROR, __file__, 0, message, None, None)
+    for h in logger.handlers:
+        if isinstance(h, logging.FileHandler):
+            h.handle(record)
 
 
 # ----------------------------------------------------------------------------- experiment paths

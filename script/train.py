@@ -123,6 +123,7 @@ def build_parser():
                    help='AP formula of the tests. Default: standard')
     r.add_argument('--steps_per_log', type=int, default=0,
                    help='also log running statistics every N steps; 0 logs per epoch only. Default: 0')
+    utils.accept_negative_numbers(p)
     return p
 
 
@@ -187,6 +188,9 @@ def check_args(parser, args, explicit=()):
     for flag in ('ids_per_batch', 'ims_per_id', 'total_epochs', 'exp_decay_at_epoch', 'test_batch_size'):
         if getattr(args, flag) < 1:
             parser.error('--{} must be at least 1, got {}'.format(flag, getattr(args, flag)))
+    if args.ids_per_batch < 2:
+        parser.error('--ids_per_batch must be at least 2: hard mining needs another identity in the batch '
+                     'for the negatives, got {}'.format(args.ids_per_batch))
     if args.ims_per_id < 2:
         parser.error('--ims_per_id must be at least 2 so that every anchor has a positive, got {}'.format(
             args.ims_per_id))
@@ -227,6 +231,12 @@ def check_args(parser, args, explicit=()):
     if args.ids_per_batch % world:
         parser.error('--ids_per_batch {} must be divisible by the number of processes ({})'.format(
             args.ids_per_batch, world))
+    if args.ids_per_batch // world < 2:
+        parser.error('--ids_per_batch {} over {} processes leaves {} identity per process; hard mining needs '
+                     'at least 2 per process'.format(args.ids_per_batch, world, args.ids_per_batch // world))
+    problem = utils.writable_folder_problem(args.exp_dir)
+    if problem:
+        parser.error('--exp_dir: {}; give another --exp_dir'.format(problem))
     return args
 
 
@@ -445,6 +455,9 @@ def setup_run(args):
     utils.barrier()
     logger = utils.setup_logging(os.path.join(args.exp_dir, 'train.log'), main_process=rank == 0)
     if rank == 0:
+        for path, size in utils.remove_stale_temp_files(args.exp_dir):
+            logger.info('removed %s (%.1f MB): the temporary file of a save that was killed midway', path,
+                        size / 2 ** 20)
         utils.write_json(vars(args), os.path.join(args.exp_dir, 'args.json'))
         logger.info('command: %s', ' '.join(sys.argv))
         logger.info('arguments: %s', json.dumps(vars(args), sort_keys=True))
@@ -530,6 +543,12 @@ def main(args, compute=None):
                 utils.set_rng_state(rng[rank])
             logger.info('resumed from %s: %d epochs done%s', ckpt_path, start_epoch,
                         ' and {} steps of the next'.format(start_step) if start_step else '')
+            if start_epoch >= args.total_epochs and not start_step:
+                logger.info('the run in %s is already finished (%d of %d epochs): nothing to train. Test it '
+                            'with --onlytest true, or train on with a larger --total_epochs',
+                            args.exp_dir, start_epoch, args.total_epochs)
+                utils.cleanup_distributed()
+                return None
 
     # test-only early return
     if args.onlytest:
@@ -599,5 +618,22 @@ def main(args, compute=None):
     return results
 
 
+def run_cli(main_fn, parse, script='train.py'):
+    """Runs a training script; a failure the user can fix (an unreadable image, a checkpoint that cannot be
+    written, a folder without permission) ends it with one line, also written to train.log."""
+    try:
+        main_fn(parse())
+    except data.UnreadableImageError as e:
+        message = data.unreadable_image_line(e)
+    except utils.CheckpointWriteError as e:
+        message = e.strerror or str(e)
+    except PermissionError as e:
+        message = 'cannot write {}: {}'.format(e.filename, e.strerror) if e.filename else str(e)
+    else:
+        return
+    utils.log_error_to_file(message)
+    raise SystemExit('{}: {}'.format(script, message))
+
+
 if __name__ == '__main__':
-    main(parse_args())
+    run_cli(main, parse_args)

@@ -228,4 +228,4 @@ def main(args):
 
 
 if __name__ == '__main__':
-    main(parse_args())
+    single.run_cli(main, parse_args, script='train_ml.py')
