@@ -636,8 +636,15 @@ def add_common_arguments(parser, default_dir, zip_name=None, folder_name=None, v
 
 
 def run_cli(main):
-    """Runs a prepare script's main(); a bad input ends it with the one-line message, no traceback."""
+    """Runs a prepare script's main(); a bad input ends it with the one-line message, no traceback. A
+    folder that cannot be written (no permission, a full disk, a file in the path) is named; the
+    previous prepared set, if any, is intact (write_prepared swaps only a complete new set in)."""
     try:
         main()
     except (FileNotFoundError, FileExistsError, ValueError, KeyError) as e:
         sys.exit(f'error: {e}')
+    except OSError as e:
+        if e.filename is None and e.errno not in (errno.ENOSPC, errno.EDQUOT):
+            raise
+        where = f'{e.filename}: ' if e.filename else ''
+        sys.exit(f'error: {where}{e.strerror or e}; a set prepared there before is intact')

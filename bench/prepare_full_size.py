@@ -17,7 +17,7 @@ import zipfile
 import numpy as np
 from PIL import Image
 
-from aligned_reid.prepare import OFFICIAL_COUNTS, find_bad_images, market_layout_items, prepare_market_layout
+from aligned_reid.prepare import OFFICIAL_COUNTS, market_layout_items, prepare_market_layout, write_prepared
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -224,13 +224,15 @@ def run(name, work):
         t_base = baseline_zip_read(raw)
     else:
         t_base = baseline_links(raw, os.path.join(work, name + '_baseline'))
-    t_decode = None
-    if name in ('market1501', 'market1501_zip', 'duke'):  # the decode check alone, on the same items
-        items, _ = market_layout_items(raw, use_gt_bbox=True)
-        t = time.perf_counter()
-        bad = find_bad_images(items)
-        t_decode = time.perf_counter() - t
-        assert not bad, bad[:3]
+    t_unchecked = None
+    if name in ('market1501', 'market1501_zip', 'duke'):  # the same preparation without the decode check
+        key = 'market1501' if name == 'market1501_zip' else name
+        with warnings.catch_warnings():
+            warnings.simplefilter('ignore')
+            t = time.perf_counter()
+            items, _ = market_layout_items(raw, use_gt_bbox=True)
+            write_prepared(items, save + '_unchecked', key, num_val_ids=100, check_images=False, verbose=False)
+            t_unchecked = time.perf_counter() - t
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter('always')
         t = time.perf_counter()
@@ -246,8 +248,8 @@ def run(name, work):
         print(f'WARNING: {w.message}')
     what = 'reading every zip member' if name.endswith('_zip') else 'the bare hard-link loop'
     ratio = f', {t_prep / t_base:.1f}x {what} ({t_base:.1f} s)' if t_base else ''
-    decode = (f'; of which decoding all {len(items)} input images {t_decode:.1f} s '
-              f'({100 * t_decode / t_prep:.0f}%, {1e3 * t_decode / len(items):.2f} ms per image)' if t_decode else '')
+    decode = (f'; without the decode check of its {len(items)} input images {t_unchecked:.1f} s (the check: '
+              f'+{t_prep - t_unchecked:.1f} s, {t_prep / t_unchecked:.2f}x)' if t_unchecked else '')
     print(f'== {name}: {n_files} raw files of {IM_SIZE[0]} x {IM_SIZE[1]} (made in {t_make:.1f} s); '
           f'preparation {t_prep:.1f} s{ratio}{decode}; official counts {"MISMATCH" if caught else "OK"}\n', flush=True)
     return t_prep, not caught

@@ -142,6 +142,8 @@ def check_args(parser, args):
     for flag, low in (('test_batch_size', 1), ('workers', 0), ('num_vis_queries', 0)):
         if getattr(args, flag) < low:
             parser.error('--{} must be at least {}, got {}'.format(flag, low, getattr(args, flag)))
+    if args.local_conv_out_channels is not None and args.local_conv_out_channels < 1:
+        parser.error('--local_conv_out_channels must be at least 1, got {}'.format(args.local_conv_out_channels))
     if args.resize_h_w is not None and min(args.resize_h_w) < 16:
         parser.error('--resize_h_w must be at least 16 16, got {} {}'.format(*args.resize_h_w))
     for flag, folder in (('--exp_dir', args.exp_dir), ('--vis_dir', args.vis_dir)):

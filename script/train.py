@@ -196,6 +196,13 @@ def check_args(parser, args, explicit=()):
             args.ims_per_id))
     if min(args.resize_h_w) < 16:
         parser.error('--resize_h_w must be at least 16 16, got {} {}'.format(*args.resize_h_w))
+    if args.local_conv_out_channels < 1:
+        parser.error('--local_conv_out_channels must be at least 1, got {}'.format(args.local_conv_out_channels))
+    if args.label_smoothing >= 1:
+        parser.error('--label_smoothing must lie in [0, 1), got {}'.format(args.label_smoothing))
+    if args.staircase_decay_multiply_factor <= 0:
+        parser.error('--staircase_decay_multiply_factor must be positive, got {}'.format(
+            args.staircase_decay_multiply_factor))
     for flag in ('workers', 'epochs_per_test', 'steps_per_log', 'base_lr', 'weight_decay', 'global_margin',
                  'local_margin', 'global_loss_weight', 'local_loss_weight', 'id_loss_weight', 'label_smoothing'):
         if getattr(args, flag) < 0:

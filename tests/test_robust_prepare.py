@@ -2,6 +2,7 @@
 an --overwrite interrupted by SIGINT or by an error, a hard kill during the final swap, odd raw inputs."""
 import os
 import pathlib
+import re
 import signal
 import zipfile
 
@@ -10,7 +11,7 @@ import pytest
 from aligned_reid import prepare
 from aligned_reid.data import read_partitions
 from script_loader import load_script
-from test_prepare_market import build_market_tree, tree_digest
+from test_prepare_market import REPO, build_market_tree, tree_digest
 
 pytestmark = pytest.mark.filterwarnings('ignore:.*counts differ from the official ones')
 market_script = load_script('data_set', 'market1501_prepare')
@@ -168,3 +169,41 @@ def test_every_prepare_script_has_skip_bad_images():
         parser = load_script('data_set', name).build_parser()
         assert parser.parse_args(['--skip_bad_images']).skip_bad_images is True
         assert parser.parse_args([]).skip_bad_images is False
+
+
+def _readme_flags(cell):
+    return set(re.findall(r'`(--\w+)`', cell))
+
+
+def test_data_set_readme_flag_lists_match_the_scripts():
+    """data_set/README.md's shared-flag table plus each script's row name exactly the flags of its --help."""
+    text = (REPO / 'data_set' / 'README.md').read_text()
+    shared_table = text.split('Flags shared by the scripts')[1].split('Flags of one script')[0]
+    shared = set()
+    for line in shared_table.splitlines():
+        if line.startswith('| `'):
+            shared |= _readme_flags(line.split('|')[1])
+    own_table = text.split('Flags of one script')[1].split('\n\n')[1]
+    rows = {}
+    for line in own_table.splitlines():
+        m = re.match(r'\| `(\w+)\.py` \| (.*)\|$', line)
+        if m:
+            rows[m.group(1)] = _readme_flags(m.group(2).split('(')[0])
+    assert set(rows) == {'market1501_prepare', 'duke_prepare', 'cuhk03_prepare', 'msmt17_prepare', 'combine_all',
+                         'synthetic_prepare'}
+    for name, own in rows.items():
+        parser = load_script('data_set', name).build_parser()
+        flags = {o for a in parser._actions for o in a.option_strings if o.startswith('--') and o != '--help'}
+        documented = own if name in ('combine_all', 'synthetic_prepare') else shared | own
+        assert flags == documented, (name, flags ^ documented)
+
+
+def test_unwritable_save_dir_is_one_line(tmp_path):
+    build_market_tree(tmp_path / 'raw')
+    blocker = tmp_path / 'a_file'
+    blocker.write_text('not a folder')
+    with pytest.raises(SystemExit) as e:
+        market_script.run_cli(lambda: market_script.main(['--raw_dir', str(tmp_path / 'raw'), '--save_dir',
+                                                          str(blocker / 'market'), '--num_val_ids', '1']))
+    assert e.value.code == 'error: {}: Not a directory; a set prepared there before is intact'.format(blocker / 'market')
+    assert blocker.read_text() == 'not a folder'

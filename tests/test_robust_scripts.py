@@ -131,6 +131,9 @@ def test_other_ranks_log_errors_only(capsys):
     (['-gm', '-.3'], '--global_margin must not be negative, got -0.3'),
     (['--workers', '-2'], '--workers must not be negative, got -2'),
     (['--ids_per_batch', '1'], '--ids_per_batch must be at least 2: hard mining needs another identity'),
+    (['--label_smoothing', '1.5'], '--label_smoothing must lie in [0, 1), got 1.5'),
+    (['--local_conv_out_channels', '0'], '--local_conv_out_channels must be at least 1, got 0'),
+    (['--staircase_decay_multiply_factor', '-0.1'], '--staircase_decay_multiply_factor must be positive, got -0.1'),
 ])
 def test_train_flag_values(argv, message, capsys):
     assert message in _parse_error(train_script, argv, capsys)
