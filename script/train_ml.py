@@ -164,6 +164,12 @@ def main(args):
             if len(state.get('rng') or []) == world:
                 utils.set_rng_state(state['rng'][rank])
             logger.info('resumed from %s: %d epochs done', ckpt_path, start_epoch)
+            if start_epoch >= args.total_epochs and not start_step:
+                logger.info('the run in %s is already finished (%d of %d epochs): nothing to train. Test it '
+                            'with --onlytest true, or train on with a larger --total_epochs',
+                            args.exp_dir, start_epoch, args.total_epochs)
+                utils.cleanup_distributed()
+                return None
 
     if not args.onlytest:
         if world > 1:

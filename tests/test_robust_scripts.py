@@ -337,3 +337,18 @@ def test_bare_state_dict_warns_with_the_size_used(world, synthetic_run, tmp_path
     out = capsys.readouterr().out
     assert 'holds no input size' not in out and 'input 64 x 32, flip off' in out
     assert json.load(open(tmp_path / 'o' / 'metrics.json'))['resize_h_w'] == [64, 32]
+
+
+def test_train_ml_resume_of_a_finished_run(world, tmp_path):
+    exp = tmp_path / 'ml'
+    base = [sys.executable, 'script/train_ml.py', '--exp_dir', str(exp)]
+    r = subprocess.run(base + ['--train_partitons', world['market'], '--total_epochs', '1', '-pmlw', '0']
+                       + COMMON + ['--final_test', 'false'], cwd=str(REPO), env=world['env'], capture_output=True,
+                       text=True, timeout=300)
+    assert r.returncode == 0, r.stdout + r.stderr
+    before = open(exp / 'ckpt.pth', 'rb').read()
+    r = subprocess.run(base + ['--resume', 'true', '--workers', '0'], cwd=str(REPO), env=world['env'],
+                       capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stdout + r.stderr
+    assert 'is already finished (1 of 1 epochs): nothing to train' in r.stdout
+    assert open(exp / 'ckpt.pth', 'rb').read() == before and not (exp / 'metrics.json').exists()
