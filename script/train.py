@@ -230,6 +230,11 @@ def check_args(parser, args, explicit=()):
     if key not in parts:
         parser.error('--trainset_part {}: {} has no {!r} (a combined set holds trainval only)'.format(
             args.trainset_part, args.train_partitions, key))
+    periodic = 'val' if args.trainset_part == 'train' else 'test'
+    if args.epochs_per_test and periodic + '_im_names' not in parts:
+        parser.error('--epochs_per_test {}: {} has no {} split to test on (a combined set, or prepared with '
+                     '--num_val_ids 0?); use --epochs_per_test 0'.format(args.epochs_per_test, args.train_partitions,
+                                                                        periodic))
     num_ids = len(parts[key])
     if args.ids_per_batch > num_ids:
         parser.error('--ids_per_batch {} exceeds the {} identities of the {} set in {}'.format(

@@ -352,3 +352,12 @@ def test_train_ml_resume_of_a_finished_run(world, tmp_path):
     assert r.returncode == 0, r.stdout + r.stderr
     assert 'is already finished (1 of 1 epochs): nothing to train' in r.stdout
     assert open(exp / 'ckpt.pth', 'rb').read() == before and not (exp / 'metrics.json').exists()
+
+
+def test_periodic_test_needs_a_split_to_test_on(world, tmp_path, capsys):
+    part = read_partitions(world['market'])
+    trainval_only = {k: v for k, v in part.items() if k.startswith('trainval') or k in ('format_version', 'dataset')}
+    write_partitions(trainval_only, str(tmp_path / 'partitions.pkl'))
+    err = _parse_error(train_script, ['--train_partitons', str(tmp_path / 'partitions.pkl'), '--ids_per_batch', '4',
+                                      '--exp_dir', str(tmp_path / 'x'), '--epochs_per_test', '1'], capsys)
+    assert '--epochs_per_test 1: {} has no test split to test on'.format(tmp_path / 'partitions.pkl') in err
