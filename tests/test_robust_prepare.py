@@ -77,13 +77,22 @@ def test_decode_problem_reasons(tmp_path):
         prepare.decode_problem(str(tmp_path / 'nowhere.jpg'))
 
 
+@pytest.fixture
+def sigint_raises():
+    """SIGINT raises KeyboardInterrupt, as in a terminal, even where the runner was started with SIGINT
+    ignored (a background job)."""
+    previous = signal.signal(signal.SIGINT, signal.default_int_handler)
+    yield
+    signal.signal(signal.SIGINT, previous)
+
+
 def _old_set(tmp_path):
     build_market_tree(tmp_path / 'raw')
     prepare.prepare_market_layout(tmp_path / 'raw', tmp_path / 'out', num_val_ids=1, verbose=False)
     return tree_digest(tmp_path / 'out')
 
 
-def test_sigint_during_overwrite_keeps_the_old_set_and_a_rerun_works(tmp_path, monkeypatch):
+def test_sigint_during_overwrite_keeps_the_old_set_and_a_rerun_works(tmp_path, monkeypatch, sigint_raises):
     before = _old_set(tmp_path)
     calls, original = [], prepare._Writer.write
 
@@ -107,7 +116,7 @@ def test_sigint_during_overwrite_keeps_the_old_set_and_a_rerun_works(tmp_path, m
     assert sorted(os.listdir(tmp_path / 'out')) == ['images', 'partitions.pkl']
 
 
-def test_signal_during_the_swap_waits_until_it_is_done(tmp_path, monkeypatch):
+def test_signal_during_the_swap_waits_until_it_is_done(tmp_path, monkeypatch, sigint_raises):
     _old_set(tmp_path)
     real_replace = os.replace
     seen = []
