@@ -122,17 +122,23 @@ def check_save_dir(save_dir, overwrite=False, raw_paths=()):
 
 @contextmanager
 def _signals_deferred():
-    """Holds SIGINT / SIGTERM / SIGHUP back (main thread) while a few renames must happen together;
-    a signal that arrives meanwhile is delivered right after."""
-    sigs = {signal.SIGINT, signal.SIGTERM, signal.SIGHUP}
+    """Holds SIGINT / SIGTERM / SIGHUP back while a few renames must happen together: their handlers are
+    swapped for one that only records the signal, and a recorded signal is sent again, to the restored
+    handler, on leaving. (Python runs signal handlers in the main thread whichever thread the kernel
+    picks, so this holds where a thread's signal mask would not.) Main thread only; elsewhere a no-op."""
     if threading.current_thread() is not threading.main_thread():
         yield
         return
-    signal.pthread_sigmask(signal.SIG_BLOCK, sigs)
+    caught = []
+    previous = {s: signal.signal(s, lambda signum, frame: caught.append(signum))
+                for s in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)}
     try:
         yield
     finally:
-        signal.pthread_sigmask(signal.SIG_UNBLOCK, sigs)
+        for s, handler in previous.items():
+            signal.signal(s, handler)
+        for s in caught:
+            os.kill(os.getpid(), s)
 
 
 def _swap_in(save_dir, partial, new_pkl):
