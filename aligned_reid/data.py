@@ -157,6 +157,13 @@ def validate_partitions(obj, source=""):
         fail("format_version {!r} is newer than this code reads ({})".format(version, FORMAT_VERSION))
 
 
+def _umask_mode():
+    """0666 minus the process umask: the mode open() would give a new file."""
+    mask = os.umask(0)
+    os.umask(mask)
+    return 0o666 & ~mask
+
+
 def write_partitions(obj, path):
     """Validate, then write atomically: a temporary file in the same folder, fsync, rename.
     An interrupted write never leaves a partial file under `path`."""
@@ -166,6 +173,7 @@ def write_partitions(obj, path):
     os.makedirs(folder, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=".partitions-", suffix=".tmp", dir=folder)
     try:
+        os.fchmod(fd, _umask_mode())  # mkstemp makes 0600: a set prepared for a group stays readable
         with os.fdopen(fd, "wb") as f:
             pickle.dump(obj, f, protocol=4)
             f.flush()
@@ -254,9 +262,28 @@ class PKSampler(torch.utils.data.Sampler):
 
 # ----------------------------------------------------------------------------- datasets
 
+class UnreadableImageError(RuntimeError):
+    """An image of a prepared set cannot be read or decoded; the message names the file."""
+
+
 def _load_rgb(path):
-    with Image.open(path) as im:
-        return im.convert("RGB")
+    """The image at `path` as an RGB PIL image; UnreadableImageError naming the file when it is
+    missing, empty, truncated or not an image."""
+    try:
+        with Image.open(path) as im:
+            return im.convert("RGB")
+    except (OSError, SyntaxError, ValueError, Image.DecompressionBombError) as e:
+        raise UnreadableImageError("cannot read image {}: {}".format(path, e)) from None
+
+
+def unreadable_image_line(exc):
+    """The one-line 'cannot read image <path>: <reason>' of an UnreadableImageError, also when a
+    DataLoader worker re-raised it with the worker's whole traceback folded into the message."""
+    lines = [l.strip() for l in str(exc).splitlines() if "cannot read image " in l]
+    if not lines:
+        return str(exc).strip().splitlines()[-1] if str(exc).strip() else type(exc).__name__
+    line = lines[-1]
+    return line[line.index("cannot read image "):]
 
 
 class TrainSet(Dataset):

@@ -1,14 +1,19 @@
 """Dataset preparation: raw item lists -> renamed images/ + partitions.pkl (shared by every
 data_set/*_prepare.py script), and the reader of the Market-1501 folder layout (Market, Duke, CUHK03-NP)."""
 import errno
+import io
 import os
 import random
 import re
 import shutil
+import signal
 import sys
+import threading
 import warnings
 import zipfile
 from collections import Counter, defaultdict
+from concurrent.futures import ThreadPoolExecutor
+from contextlib import contextmanager
 from typing import NamedTuple
 
 import numpy as np
@@ -70,6 +75,27 @@ def parse_market_name(name):
 
 # ----------------------------------------------------------------------------- writing
 
+def _recover_interrupted_swap(save_dir):
+    """Finishes or undoes a write_prepared swap that a hard kill cut short (signals are deferred during
+    the swap, so only SIGKILL or a power cut can do that): if the new partitions file was not yet in
+    place, the old images/ come back; otherwise the old images are removed. Returns a note or None."""
+    images = os.path.join(save_dir, 'images')
+    old, new_pkl = images + '.old', os.path.join(save_dir, 'partitions.pkl.partial')
+    if not os.path.lexists(old):
+        if os.path.lexists(new_pkl):
+            os.remove(new_pkl)
+        return None
+    if os.path.lexists(new_pkl) or not os.path.lexists(images):
+        if os.path.lexists(images):
+            shutil.rmtree(images)
+        os.replace(old, images)
+        if os.path.lexists(new_pkl):
+            os.remove(new_pkl)
+        return f'{save_dir}: restored the previous set that an interrupted --overwrite had moved aside'
+    shutil.rmtree(old)
+    return f'{save_dir}: removed {old} left by an interrupted --overwrite'
+
+
 def check_save_dir(save_dir, overwrite=False, raw_paths=()):
     """Refuses (FileExistsError) a save_dir that already holds images/ or partitions.pkl unless
     overwrite, and (ValueError) raw inputs inside the folders a run replaces. Returns abs save_dir."""
@@ -78,11 +104,15 @@ def check_save_dir(save_dir, overwrite=False, raw_paths=()):
     pkl = os.path.join(save_dir, 'partitions.pkl')
     for raw in raw_paths:
         raw_real = os.path.realpath(raw)
-        for own in (images, images + '.partial'):
+        for own in (images, images + '.partial', images + '.old'):
             own_real = os.path.realpath(own)
             if raw_real == own_real or raw_real.startswith(own_real + os.sep):
                 raise ValueError(f'raw input {raw} lies inside the output folder {own}; '
                                  'choose another --save_dir')
+    if os.path.isdir(save_dir):
+        note = _recover_interrupted_swap(save_dir)
+        if note:
+            print(note)
     existing = [p for p in (pkl, images) if os.path.lexists(p)]
     if existing and not overwrite:
         raise FileExistsError(f'{save_dir} already holds a prepared dataset ({", ".join(existing)}); '
@@ -90,17 +120,42 @@ def check_save_dir(save_dir, overwrite=False, raw_paths=()):
     return save_dir
 
 
-def _clear_save_dir(save_dir):
-    """Removes partitions.pkl first (so an interrupted run never leaves a stale one), then images/."""
+@contextmanager
+def _signals_deferred():
+    """Holds SIGINT / SIGTERM / SIGHUP back while a few renames must happen together: their handlers are
+    swapped for one that only records the signal, and a recorded signal is sent again, to the restored
+    handler, on leaving. (Python runs signal handlers in the main thread whichever thread the kernel
+    picks, so this holds where a thread's signal mask would not.) Main thread only; elsewhere a no-op."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    caught = []
+    previous = {s: signal.signal(s, lambda signum, frame: caught.append(signum))
+                for s in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)}
+    try:
+        yield
+    finally:
+        for s, handler in previous.items():
+            signal.signal(s, handler)
+        for s in caught:
+            os.kill(os.getpid(), s)
+
+
+def _swap_in(save_dir, partial, new_pkl):
+    """Replaces <save_dir>/images and partitions.pkl by the complete new ones (partial, new_pkl): the old
+    images move to images.old, the new ones and the new partitions file take their places, then the old
+    images are deleted. Signals wait until the three renames are done."""
     images = os.path.join(save_dir, 'images')
-    pkl = os.path.join(save_dir, 'partitions.pkl')
-    os.makedirs(save_dir, exist_ok=True)
-    if os.path.lexists(pkl):
-        os.remove(pkl)
-    if os.path.isdir(images) and not os.path.islink(images):
-        shutil.rmtree(images)
-    elif os.path.lexists(images):
-        os.remove(images)
+    old = images + '.old'
+    with _signals_deferred():
+        if os.path.lexists(images):
+            os.replace(images, old)
+        os.replace(partial, images)
+        os.replace(new_pkl, os.path.join(save_dir, 'partitions.pkl'))
+    if os.path.isdir(old) and not os.path.islink(old):
+        shutil.rmtree(old)
+    elif os.path.lexists(old):
+        os.remove(old)
 
 
 # The order in which k counts the images of one (id, camera): the older reproduction's (train, gallery,
@@ -174,6 +229,85 @@ def write_images(items, names, images_dir, link=True):
     finally:
         writer.close()
     return dict(linked=writer.linked, copied=writer.copied, encoded=writer.encoded)
+
+
+class BadImagesError(ValueError):
+    """Some input images cannot be decoded; the message lists them."""
+
+
+def _describe(src):
+    return f'{src.zip_path}:{src.member}' if isinstance(src, ZipMember) else str(src)
+
+
+def decode_problem(src, zips=None):
+    """None when the image `src` (a path or a ZipMember) decodes, else the reason in a few
+    words. `zips`: a dict of open ZipFile objects to reuse (one per thread). FileNotFoundError for a
+    listed file that does not exist. Arrays and callables (images the prepare script renders or reads
+    from .mat files itself) are not checked."""
+    from PIL import Image, UnidentifiedImageError
+    if not isinstance(src, (str, os.PathLike, ZipMember)):
+        return None
+    try:
+        if isinstance(src, ZipMember):
+            zips = {} if zips is None else zips
+            zf = zips.get(src.zip_path)
+            if zf is None:
+                zf = zips[src.zip_path] = zipfile.ZipFile(src.zip_path)
+            fp = io.BytesIO(zf.read(src.member))
+            empty = not fp.getbuffer().nbytes
+        else:
+            fp = src
+            empty = os.path.getsize(src) == 0
+        if empty:
+            return 'empty file (0 bytes)'
+        with Image.open(fp) as im:
+            # Image.open reads the header only; load() decodes. JPEGs decode at 1/8 scale (libjpeg's DCT
+            # scaling): all the compressed data is still read and entropy-decoded, so empty, truncated and
+            # damaged files fail the same way as at full size, at a fraction of the cost.
+            im.draft('RGB', (1, 1))
+            im.load()
+    except FileNotFoundError as e:
+        raise FileNotFoundError(f'image listed but missing: {_describe(src)}') from e
+    except UnidentifiedImageError:
+        return 'not an image Pillow can identify'
+    except (OSError, SyntaxError, ValueError, EOFError, zipfile.BadZipFile, Image.DecompressionBombError) as e:
+        return str(e) or type(e).__name__
+    return None
+
+
+def find_bad_images(items, workers=None):
+    """Decodes every item's image in threads (Pillow releases the GIL while decoding). Returns
+    [(index, 'path: reason')] of the images that fail, in item order."""
+    local = threading.local()
+
+    def check(i):
+        if not hasattr(local, 'zips'):
+            local.zips = {}
+        why = decode_problem(items[i].src, local.zips)
+        return None if why is None else (i, f'{_describe(items[i].src)}: {why}')
+
+    workers = workers or min(8, os.cpu_count() or 1)
+    with ThreadPoolExecutor(max_workers=workers) as pool:
+        return [r for r in pool.map(check, range(len(items)), chunksize=256) if r is not None]
+
+
+def drop_bad_images(items, skip_bad_images=False, verbose=True, max_listed=20):
+    """Decodes every image of `items`. With bad ones: raises BadImagesError listing them (up to
+    max_listed), or, with skip_bad_images, leaves them out and prints their count and list.
+    Returns (items kept, number left out)."""
+    bad = find_bad_images(items)
+    if not bad:
+        return items, 0
+    listing = '\n'.join('  ' + line for _, line in bad[:max_listed])
+    if len(bad) > max_listed:
+        listing += f'\n  ... and {len(bad) - max_listed} more'
+    if not skip_bad_images:
+        raise BadImagesError(f'{len(bad)} of {len(items)} input images cannot be decoded (re-download '
+                             f'them, or pass --skip_bad_images to leave them out):\n{listing}')
+    drop = {i for i, _ in bad}
+    if verbose:
+        print(f'--skip_bad_images: left out {len(bad)} of {len(items)} images that cannot be decoded:\n{listing}')
+    return [it for i, it in enumerate(items) if i not in drop], len(bad)
 
 
 def _ids2labels(pids):
@@ -305,13 +439,18 @@ def check_counts(stats, expected, dataset=''):
 
 
 def write_prepared(items, save_dir, dataset, overwrite=False, num_val_ids=100, seed=1,
-                   expected=None, trainval_only=False, link=True, raw_paths=(), verbose=True):
+                   expected=None, trainval_only=False, link=True, raw_paths=(), verbose=True,
+                   skip_bad_images=False, check_images=True):
     """Writes <save_dir>/images/ and <save_dir>/partitions.pkl from a list of Items.
 
-    Images go to images.partial/ first, which is renamed to images/ when complete; partitions.pkl
-    is written last and atomically, so an interrupted run never leaves one that looks complete.
+    Every input image is decoded first (check_images): a bad one stops the run with the list
+    (BadImagesError), or is left out with skip_bad_images. The new set is built beside the old one
+    (images.partial/, partitions.pkl.partial) and swapped in only when complete, so an interrupted run
+    (Ctrl-C, an error, a full disk) leaves the previous set whole and a rerun works.
     Returns the partitions dict."""
     save_dir = check_save_dir(save_dir, overwrite, raw_paths)
+    if check_images:
+        items, _ = drop_bad_images(items, skip_bad_images=skip_bad_images, verbose=verbose)
     for split in (('trainval',) if trainval_only else ('trainval', 'query', 'gallery')):
         if not any(it.split == split for it in items):
             raise ValueError(f'{dataset}: the {split} split is empty')
@@ -319,19 +458,22 @@ def write_prepared(items, save_dir, dataset, overwrite=False, num_val_ids=100, s
     partitions = build_partitions(items, names, dataset, num_val_ids=num_val_ids, seed=seed,
                                   trainval_only=trainval_only)
     validate_partitions(partitions, source=f'{dataset} (before writing {save_dir})')
-    _clear_save_dir(save_dir)
+    os.makedirs(save_dir, exist_ok=True)
     images = os.path.join(save_dir, 'images')
     partial = images + '.partial'
+    new_pkl = os.path.join(save_dir, 'partitions.pkl.partial')
     if os.path.lexists(partial):
         shutil.rmtree(partial)
     os.makedirs(partial)
     try:
         how = write_images(items, names, partial, link=link)
+        write_partitions(partitions, new_pkl)
     except BaseException:
         shutil.rmtree(partial, ignore_errors=True)
+        if os.path.lexists(new_pkl):
+            os.remove(new_pkl)
         raise
-    os.replace(partial, images)
-    write_partitions(partitions, os.path.join(save_dir, 'partitions.pkl'))
+    _swap_in(save_dir, partial, new_pkl)
     stats = compute_stats(items)
     if verbose:
         print(format_stats(dataset, stats, partitions))
@@ -372,8 +514,8 @@ def _list_market_root(raw, subset=None):
         if subset:
             parents = {p for p in parents if os.path.basename(p) == subset}
         if not parents:
-            where = f"a '{subset}/bounding_box_train/' folder" if subset else "a 'bounding_box_train/' folder"
-            raise ValueError(f'{raw}: no {where} in the zip (expected the Market-1501 layout)')
+            where = f"{subset}/bounding_box_train/" if subset else "bounding_box_train/"
+            raise ValueError(f"{raw}: the zip holds no '{where}' folder (expected the Market-1501 layout)")
         root = min(parents, key=len)
         result = {}
         for sub in want:
@@ -384,8 +526,11 @@ def _list_market_root(raw, subset=None):
                 continue
             result[sub] = sorted((os.path.basename(m), ZipMember(raw, m)) for m in files[d])
         return result
+    if os.path.exists(raw) and not os.path.isdir(raw):
+        raise ValueError(f'{raw} is neither a folder nor a zip archive (a damaged or partial download?); '
+                         'give the downloaded .zip or the extracted folder')
     if not os.path.isdir(raw):
-        raise FileNotFoundError(f'raw dataset not found: {raw} (neither a folder nor a zip file)')
+        raise FileNotFoundError(f'raw dataset not found: {raw}')
     dirs = list(_walk_dirs(raw))
     roots = [d for d in dirs if os.path.isdir(os.path.join(d, 'bounding_box_train'))
              and (not subset or os.path.basename(d) == subset)]
@@ -441,11 +586,12 @@ def market_layout_items(raw, subset=None, use_gt_bbox=True):
 
 def prepare_market_layout(raw, save_dir, dataset='market1501', overwrite=False, num_val_ids=100,
                           seed=1, expected=None, use_gt_bbox=True, subset=None, link=True,
-                          verbose=True):
+                          verbose=True, skip_bad_images=False):
     """Prepares a dataset in the Market-1501 layout (zip file or folder; Market-1501, DukeMTMC-reID,
     CUHK03-NP with subset='labeled'|'detected', the synthetic set) into <save_dir>/images/ and
     <save_dir>/partitions.pkl; the raw input is never modified. Prints the statistics table and,
     when expected is given (a dict of compute_stats counts), warns for each count that differs.
+    Undecodable images stop it with their list, or are left out with skip_bad_images.
     Returns the partitions dict."""
     raw = os.path.abspath(os.path.expanduser(raw))
     if not os.path.exists(raw):
@@ -455,7 +601,8 @@ def prepare_market_layout(raw, save_dir, dataset='market1501', overwrite=False, 
     if verbose and junk:
         print(f'{dataset}: dropped {junk} junk images (id -1)')
     return write_prepared(items, save_dir, dataset, overwrite=overwrite, num_val_ids=num_val_ids,
-                          seed=seed, expected=expected, link=link, raw_paths=(raw,), verbose=verbose)
+                          seed=seed, expected=expected, link=link, raw_paths=(raw,), verbose=verbose,
+                          skip_bad_images=skip_bad_images)
 
 
 def resolve_raw(raw_dir, zip_file, default_dir, default_zip):
@@ -476,7 +623,7 @@ def resolve_raw(raw_dir, zip_file, default_dir, default_zip):
 
 def add_common_arguments(parser, default_dir, zip_name=None, folder_name=None, val=True):
     """The flags every prepare script shares: --zip_file or --raw_dir (not both), --save_dir,
-    --overwrite, --copy and (val=True) --num_val_ids, --seed."""
+    --overwrite, --copy, --skip_bad_images and (val=True) --num_val_ids, --seed."""
     raw = parser.add_mutually_exclusive_group()  # argparse refuses both, naming the two flags
     if zip_name:
         raw.add_argument('--zip_file', default=None,
@@ -487,7 +634,11 @@ def add_common_arguments(parser, default_dir, zip_name=None, folder_name=None, v
                             help=f'the extracted folder (default: {default_dir}/{folder_name} when it exists)')
     parser.add_argument('--save_dir', default=default_dir, help='output folder (default: %(default)s)')
     parser.add_argument('--overwrite', action='store_true',
-                        help='replace an existing prepared set (default: refuse)')
+                        help='replace an existing prepared set; the new one is built beside it and swapped '
+                             'in when complete (default: refuse)')
+    parser.add_argument('--skip_bad_images', action='store_true',
+                        help='leave out input images that cannot be decoded and print their count and names '
+                             '(default: stop with the list of them)')
     parser.add_argument('--copy', action='store_true',
                         help='copy images instead of hard-linking them (default: hard link when possible)')
     if val:
@@ -498,8 +649,15 @@ def add_common_arguments(parser, default_dir, zip_name=None, folder_name=None, v
 
 
 def run_cli(main):
-    """Runs a prepare script's main(); a bad input ends it with the one-line message, no traceback."""
+    """Runs a prepare script's main(); a bad input ends it with the one-line message, no traceback. A
+    folder that cannot be written (no permission, a full disk, a file in the path) is named; the
+    previous prepared set, if any, is intact (write_prepared swaps only a complete new set in)."""
     try:
         main()
     except (FileNotFoundError, FileExistsError, ValueError, KeyError) as e:
         sys.exit(f'error: {e}')
+    except OSError as e:
+        if e.filename is None and e.errno not in (errno.ENOSPC, errno.EDQUOT):
+            raise
+        where = f'{e.filename}: ' if e.filename else ''
+        sys.exit(f'error: {where}{e.strerror or e}; a set prepared there before is intact')

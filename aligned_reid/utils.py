@@ -8,6 +8,7 @@ import logging
 import os
 import pickle
 import random
+import re
 import sys
 
 import numpy as np
@@ -60,6 +61,16 @@ def str2bool(v):
 
 
 
+_NUMBER = re.compile(r'^-(\d+\.?\d*|\.\d+)([eE][+-]?\d+)?$')
+
+
+def accept_negative_numbers(parser):
+    """Lets `parser` read '-1e-3' as a value, not as a flag (argparse's own test misses exponents), so a
+    negative number reaches the range check that names its flag. No flag of ours looks like a number."""
+    parser._negative_number_matcher = _NUMBER
+    return parser
+
+
 def boolean(v):
     """str2bool as an argparse `type` for the original's true/false flags; the name makes argparse
     report 'invalid boolean value'."""
@@ -106,25 +117,59 @@ class OldFlag(argparse.Action):
 
 # ----------------------------------------------------------------------------- checkpoints
 
+class CheckpointWriteError(OSError):
+    """A checkpoint could not be written (full disk, read-only folder...); the message names the path
+    and says whether the previous checkpoint is intact."""
+
+
+def _os_error_in(exc):
+    """The OSError behind `exc` (itself, or its cause / context: torch.save turns a failed write of its
+    file object into a RuntimeError whose context is the OSError), or None."""
+    seen = set()
+    while exc is not None and id(exc) not in seen:
+        if isinstance(exc, OSError):
+            return exc
+        seen.add(id(exc))
+        exc = exc.__cause__ or exc.__context__
+    return None
+
+
+TEMP_SUFFIX = re.compile(r'\.tmp\.(\d+)$')  # save_checkpoint / write_json temporaries: <name>.tmp.<pid>
+
+
 def save_checkpoint(state, path):
     """Writes `state` (any torch-serialisable object) to `path` atomically.
 
-    The bytes go to a temporary file in the same folder, are fsync-ed, and then replace `path`
-    with os.replace, so a crash mid-write leaves the previous checkpoint intact.
+    The bytes go to `<path>.tmp.<pid>` in the same folder, are fsync-ed, and then replace `path` with
+    os.replace, so a crash mid-write leaves the previous checkpoint intact (a kill -9 may leave the
+    temporary file: remove_stale_temp_files clears it at the next run). The file gets the user's umask
+    mode. A failed write (no space left, permission denied) raises CheckpointWriteError, one line naming
+    the path, the reason and whether the previous checkpoint survives.
     """
     path = os.path.abspath(path)
     folder = os.path.dirname(path)
-    os.makedirs(folder, exist_ok=True)
     tmp = '{}.tmp.{}'.format(path, os.getpid())
     try:
+        os.makedirs(folder, exist_ok=True)
         with open(tmp, 'wb') as f:
             torch.save(state, f)
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
+    except (OSError, RuntimeError) as e:
+        cause = _os_error_in(e)
+        if cause is None:
+            raise
+        previous = ('the previous checkpoint {} is intact'.format(path) if os.path.isfile(path)
+                    else 'no earlier checkpoint existed')
+        raise CheckpointWriteError(cause.errno, 'cannot write checkpoint {}: {}; {}'.format(
+            path, cause.strerror or cause, previous)) from None
     finally:
         if os.path.exists(tmp):
-            os.remove(tmp)
+            try:
+                os.remove(tmp)
+            except OSError:
+                pass
     try:  # make the rename itself durable
         fd = os.open(folder, os.O_RDONLY)
         try:
@@ -133,6 +178,57 @@ def save_checkpoint(state, path):
             os.close(fd)
     except OSError:
         pass
+
+
+def _pid_alive(pid):
+    if pid == os.getpid():
+        return True
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except OSError:  # exists, owned by someone else
+        return True
+    return True
+
+
+def remove_stale_temp_files(folder):
+    """Removes the `<name>.tmp.<pid>` files that a killed save_checkpoint / write_json left in `folder`
+    (those whose process no longer runs). Returns [(path, size in bytes)] of the files removed."""
+    removed = []
+    try:
+        entries = list(os.scandir(folder))
+    except OSError:
+        return removed
+    for e in entries:
+        m = TEMP_SUFFIX.search(e.name)
+        if m is None or not e.is_file(follow_symlinks=False) or _pid_alive(int(m.group(1))):
+            continue
+        size = e.stat(follow_symlinks=False).st_size
+        try:
+            os.remove(e.path)
+        except OSError:
+            continue
+        removed.append((e.path, size))
+    return removed
+
+
+def writable_folder_problem(folder):
+    """None when `folder` (or, if it does not exist yet, its nearest existing parent) can be written to;
+    else a message naming that folder."""
+    folder = os.path.abspath(folder)
+    probe = folder
+    while not os.path.exists(probe):
+        parent = os.path.dirname(probe)
+        if parent == probe:
+            break
+        probe = parent
+    if not os.path.isdir(probe):
+        return '{} is not a folder'.format(probe)
+    if not os.access(probe, os.W_OK | os.X_OK):
+        return '{} is not writable (permission denied){}'.format(
+            probe, '' if probe == folder else ' and {} would be created in it'.format(folder))
+    return None
 
 
 def load_checkpoint(path, map_location='cpu'):
@@ -348,7 +444,7 @@ def reduce_mean_scalars(values):
 def setup_logging(log_file=None, name='aligned_reid', main_process=True):
     """Returns a logger printing to stdout and, when `log_file` is given, appending to it.
 
-    On ranks other than 0 (`main_process=False`) the logger only shows warnings and writes no file.
+    On ranks other than 0 (`main_process=False`) the logger only shows errors and writes no file.
     Calling it again replaces the handlers, so scripts may call it once per run.
     """
     logger = logging.getLogger(name)
@@ -356,7 +452,7 @@ def setup_logging(log_file=None, name='aligned_reid', main_process=True):
     for h in list(logger.handlers):
         logger.removeHandler(h)
         h.close()
-    logger.setLevel(logging.INFO if main_process else logging.WARNING)
+    logger.setLevel(logging.INFO if main_process else logging.ERROR)  # under torchrun rank 0 alone talks
     fmt = logging.Formatter('%(asctime)s %(message)s', datefmt='%Y-%m-%d %H:%M:%S')
     sh = logging.StreamHandler(sys.stdout)
     sh.setFormatter(fmt)
@@ -367,6 +463,16 @@ def setup_logging(log_file=None, name='aligned_reid', main_process=True):
         fh.setFormatter(fmt)
         logger.addHandler(fh)
     return logger
+
+
+def log_error_to_file(message, name='aligned_reid'):
+    """Appends `message` at level ERROR to the log files of logger `name` (not to the console: the
+    caller prints it once as it exits)."""
+    logger = logging.getLogger(name)
+    record = logger.makeRecord(name, logging.ERROR, __file__, 0, message, None, None)
+    for h in logger.handlers:
+        if isinstance(h, logging.FileHandler):
+            h.handle(record)
 
 
 # ----------------------------------------------------------------------------- experiment paths
@@ -398,11 +504,15 @@ def default_exp_dir(train_dataset):
 
 
 def write_json(obj, path):
-    """Writes `obj` as indented JSON, atomically (temporary file, then os.replace)."""
+    """Writes `obj` as indented JSON, atomically (temporary file, then os.replace; the user's umask mode)."""
     tmp = '{}.tmp.{}'.format(path, os.getpid())
-    with open(tmp, 'w') as f:
-        json.dump(obj, f, indent=2, sort_keys=True)
-    os.replace(tmp, path)
+    try:
+        with open(tmp, 'w') as f:
+            json.dump(obj, f, indent=2, sort_keys=True)
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.remove(tmp)
 
 
 def metrics_summary(results):

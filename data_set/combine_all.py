@@ -53,7 +53,7 @@ def format_provenance(provenance):
     return '\n'.join(lines)
 
 
-def combine(dataset_dirs, save_dir, overwrite=False, link=True):
+def combine(dataset_dirs, save_dir, overwrite=False, link=True, skip_bad_images=False):
     """Writes the combined trainval set to <save_dir>/images/ and partitions.pkl (trainval keys only).
     Returns (partitions, provenance rows)."""
     if not dataset_dirs:
@@ -63,7 +63,8 @@ def combine(dataset_dirs, save_dir, overwrite=False, link=True):
     print(format_provenance(provenance))
     expected = {'trainval_ids': DEFAULT_IDS} if tuple(names) == DEFAULT_NAMES else None
     part = write_prepared(items, save_dir, '+'.join(names), overwrite=overwrite, expected=expected,
-                          trainval_only=True, link=link, raw_paths=[p[0] for p in provenance])
+                          trainval_only=True, link=link, raw_paths=[p[0] for p in provenance],
+                          skip_bad_images=skip_bad_images)
     return part, provenance
 
 
@@ -79,7 +80,7 @@ def build_parser():
 def main(argv=None):
     args = build_parser().parse_args(argv)
     return combine(args.datasets, os.path.expanduser(args.save_dir), overwrite=args.overwrite,
-                   link=not args.copy)
+                   link=not args.copy, skip_bad_images=args.skip_bad_images)
 
 
 if __name__ == '__main__':

@@ -184,7 +184,8 @@ def _extract(zip_path, names, out_dir):
 
 
 def prepare_from_mat(mat_path, save_dir, split='new', split_id=0, protocol_paths=None,
-                     image_types=IMAGE_TYPES, overwrite=False, num_val_ids=100, seed=1, link=True):
+                     image_types=IMAGE_TYPES, overwrite=False, num_val_ids=100, seed=1, link=True,
+                     skip_bad_images=False):
     """Prepares <save_dir>/<image_type>/ from cuhk-03.mat. protocol_paths: {image_type: path of
     cuhk03_new_protocol_config_<type>.mat} (split='new'). Returns {image_type: partitions}."""
     import h5py
@@ -225,7 +226,7 @@ def prepare_from_mat(mat_path, save_dir, split='new', split_id=0, protocol_paths
             print(f'cuhk03 {t}: {sum(persons_per_pair)} identities, {len(images)} images in {mat_path}')
             results[t] = write_prepared(items, os.path.join(save_dir, t), f'cuhk03_{t}', overwrite=overwrite,
                                         num_val_ids=num_val_ids, seed=seed, expected=expected, link=link,
-                                        raw_paths=(mat_path,))
+                                        raw_paths=(mat_path,), skip_bad_images=skip_bad_images)
     return results
 
 
@@ -270,7 +271,11 @@ def main(argv=None):
     raw = os.path.abspath(os.path.expanduser(raw))
     if not os.path.exists(raw):
         raise FileNotFoundError(f'raw dataset not found: {raw}')
-    common = dict(overwrite=args.overwrite, num_val_ids=args.num_val_ids, seed=args.seed, link=not args.copy)
+    if not os.path.isdir(raw) and not zipfile.is_zipfile(raw):
+        raise ValueError(f'{raw} is neither a folder nor a zip archive (a damaged or partial download?); '
+                         'give the downloaded .zip or the extracted folder')
+    common = dict(overwrite=args.overwrite, num_val_ids=args.num_val_ids, seed=args.seed, link=not args.copy,
+                  skip_bad_images=args.skip_bad_images)
     if _is_np_layout(raw):
         if args.split != 'new':
             p.error('the CUHK03-NP folders hold the new protocol only; --split classic needs cuhk-03.mat')

@@ -24,7 +24,8 @@ def main(argv=None):
                       os.path.join(DEFAULT_DIR, ZIP_NAME))
     return prepare_market_layout(raw, os.path.expanduser(args.save_dir), dataset='duke',
                                  overwrite=args.overwrite, num_val_ids=args.num_val_ids, seed=args.seed,
-                                 expected=OFFICIAL_COUNTS['duke'], use_gt_bbox=False, link=not args.copy)
+                                 expected=OFFICIAL_COUNTS['duke'], use_gt_bbox=False, link=not args.copy,
+                                 skip_bad_images=args.skip_bad_images)
 
 
 if __name__ == '__main__':

@@ -27,7 +27,7 @@ def main(argv=None):
     return prepare_market_layout(raw, os.path.expanduser(args.save_dir), dataset='market1501',
                                  overwrite=args.overwrite, num_val_ids=args.num_val_ids, seed=args.seed,
                                  expected=OFFICIAL_COUNTS['market1501'], use_gt_bbox=not args.no_gt_bbox,
-                                 link=not args.copy)
+                                 link=not args.copy, skip_bad_images=args.skip_bad_images)
 
 
 if __name__ == '__main__':

@@ -57,6 +57,9 @@ class _Source:
             roots = sorted((os.path.dirname(m) for m in self.members
                             if os.path.basename(m) == 'list_train.txt'), key=len)
         else:
+            if os.path.exists(raw) and not os.path.isdir(raw):
+                raise ValueError(f'{raw} is neither a folder nor a zip archive (a damaged or partial '
+                                 'download?); give the downloaded .zip or the extracted folder')
             if not os.path.isdir(raw):
                 raise FileNotFoundError(f'raw dataset not found: {raw}')
             roots = []
@@ -124,14 +127,16 @@ def msmt17_items(raw):
     return items
 
 
-def prepare_msmt17(raw, save_dir, overwrite=False, num_val_ids=100, seed=1, link=True):
-    """Prepares MSMT17 V1 or V2 (folder or zip) into <save_dir>. Returns the partitions dict."""
+def prepare_msmt17(raw, save_dir, overwrite=False, num_val_ids=100, seed=1, link=True, skip_bad_images=False):
+    """Prepares MSMT17 V1 or V2 (folder or zip) into <save_dir>; undecodable images stop it with their list,
+    or are left out with skip_bad_images. Returns the partitions dict."""
     raw = os.path.abspath(os.path.expanduser(raw))
     if not os.path.exists(raw):
         raise FileNotFoundError(f'raw dataset not found: {raw}')
     check_save_dir(save_dir, overwrite, raw_paths=(raw,))
     return write_prepared(msmt17_items(raw), save_dir, 'msmt17', overwrite=overwrite, num_val_ids=num_val_ids,
-                          seed=seed, expected=OFFICIAL_COUNTS['msmt17'], link=link, raw_paths=(raw,))
+                          seed=seed, expected=OFFICIAL_COUNTS['msmt17'], link=link, raw_paths=(raw,),
+                          skip_bad_images=skip_bad_images)
 
 
 def build_parser():
@@ -151,7 +156,8 @@ def main(argv=None):
             raise FileNotFoundError(f'raw dataset not found: looked for {", ".join(candidates)}; '
                                     'download it there or pass --raw_dir / --zip_file')
     return prepare_msmt17(raw, os.path.expanduser(args.save_dir), overwrite=args.overwrite,
-                          num_val_ids=args.num_val_ids, seed=args.seed, link=not args.copy)
+                          num_val_ids=args.num_val_ids, seed=args.seed, link=not args.copy,
+                          skip_bad_images=args.skip_bad_images)
 
 
 if __name__ == '__main__':

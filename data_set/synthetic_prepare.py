@@ -2,10 +2,9 @@
 into <save_dir>/images/ and <save_dir>/partitions.pkl. Run: python data_set/synthetic_prepare.py"""
 import argparse
 import os
-import sys
 import time
 
-from aligned_reid.prepare import prepare_market_layout
+from aligned_reid.prepare import prepare_market_layout, run_cli
 from aligned_reid.synthetic import SUBDIRS, render_market_tree
 
 DEFAULT_DIR = os.path.join('~', 'Dataset', 'synthetic')
@@ -66,7 +65,4 @@ def main(argv=None):
 
 
 if __name__ == '__main__':
-    try:
-        main()
-    except (FileNotFoundError, FileExistsError, ValueError) as e:
-        sys.exit('error: {}'.format(e))
+    run_cli(main)

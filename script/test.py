@@ -1,6 +1,7 @@
 """Tests a model trained by train.py on a prepared dataset (the same one or another: cross-dataset),
 with global / local / global+local distances and optional re-ranking; prints the table, writes metrics."""
 import argparse
+import json
 import os
 
 import numpy as np
@@ -20,9 +21,10 @@ def build_parser():
                    help="accepted for the original's command line; test.py always only tests. Default: true")
     p.add_argument('--to_re_rank', type=boolean, default=True,
                    help='also report k-reciprocal re-ranked results (true/false). Default: true')
-    p.add_argument('--train_dataset', '--dataset', dest='train_dataset', default='market1501',
+    p.add_argument('--train_dataset', '--dataset', dest='train_dataset', default=None,
                    help='dataset the model was trained on: finds its experiment folder exp/train/<name> '
-                        "(--dataset, the older reproduction's name, is accepted). Default: market1501")
+                        "(--dataset, the older reproduction's name, is accepted). Default: the one saved with the "
+                        'run in --exp_dir (or beside --model_weight_file), else market1501')
     p.add_argument('--test_dataset', default=None,
                    help='dataset to test on; names the default partitions path ~/Dataset/<name>/partitions.pkl. '
                         'Default: the train dataset')
@@ -75,11 +77,36 @@ def build_parser():
                                'line naming what to use instead)')
     old.add_argument('-d', '--sys_device_ids', action=OldFlag, nargs='?', help=utils.OLD_DEVICE_HELP)
     old.add_argument('-r', '--run', action=OldFlag, nargs='?', help=utils.OLD_RUN_HELP)
+    utils.accept_negative_numbers(p)
     return p
 
 
+def saved_run_args(exp_dir=None, weight_file=None):
+    """The arguments train.py saved for a run: <folder>/args.json of the experiment folder (or of the
+    weight file's folder), else the 'args' inside the checkpoint. {} when there are none."""
+    folders = [d for d in (exp_dir, os.path.dirname(os.path.abspath(weight_file)) if weight_file else None) if d]
+    for folder in folders:
+        try:
+            with open(os.path.join(folder, 'args.json')) as f:
+                saved = json.load(f)
+            if isinstance(saved, dict):
+                return saved
+        except (OSError, ValueError):
+            pass
+    path = weight_file or (os.path.join(exp_dir, 'ckpt.pth') if exp_dir else None)
+    if path and os.path.isfile(path):
+        try:
+            state = utils.load_checkpoint(path, map_location='cpu')
+        except Exception:  # an unreadable file is reported where the model is loaded
+            return {}
+        if isinstance(state, dict) and isinstance(state.get('args'), dict):
+            return dict(state['args'])
+    return {}
+
+
 def check_args(parser, args):
-    """Resolves default paths and stops with a message naming the flag on anything unusable."""
+    """Resolves default paths and stops with a message naming the flag on anything unusable. Without
+    --train_dataset the run's saved arguments name the training set (and, tested on it, its partitions)."""
     if args.resize_h_w is not None:
         args.resize_h_w = utils.flat_ints(args.resize_h_w)
         if len(args.resize_h_w) != 2 or min(args.resize_h_w) < 16:
@@ -87,20 +114,33 @@ def check_args(parser, args):
                          '{}'.format(' '.join(map(str, args.resize_h_w))))
     if args.model_index < 1:
         parser.error('--model_index must be at least 1 (models are counted from 1), got {}'.format(args.model_index))
+    saved = {}
+    if args.train_dataset is None:
+        if args.exp_dir is not None or args.model_weight_file is not None:
+            saved = saved_run_args(os.path.abspath(os.path.expanduser(args.exp_dir)) if args.exp_dir else None,
+                                   args.model_weight_file)
+        args.train_dataset = saved.get('train_dataset') or 'market1501'
     if args.test_dataset is None:
         args.test_dataset = args.train_dataset
+        saved_parts = saved.get('train_partitions')
+        if args.test_partitions is None and saved_parts and os.path.isfile(saved_parts):
+            args.test_partitions = saved_parts
     if args.test_partitions is None:
         if args.test_dataset not in utils.DATASET_DIRS:
             parser.error('--test_dataset {!r} is unknown: choose one of {} or give --test_partitons'.format(
                 args.test_dataset, ', '.join(utils.DATASET_DIRS)))
         args.test_partitions = utils.default_partitions_path(args.test_dataset)
     args.test_partitions = os.path.expanduser(args.test_partitions)
+    exp_dir_given = args.exp_dir is not None
     if args.exp_dir is None:
         args.exp_dir = utils.default_exp_dir(args.train_dataset)
     args.exp_dir = os.path.abspath(os.path.expanduser(args.exp_dir))
     if args.model_weight_file is None:
         args.model_weight_file = os.path.join(args.exp_dir, 'ckpt.pth')
         if not os.path.isfile(args.model_weight_file):
+            if exp_dir_given:
+                parser.error('--exp_dir {}: no trained model there ({} not found; give the folder train.py '
+                             'wrote, or --model_weight_file)'.format(args.exp_dir, args.model_weight_file))
             parser.error('no trained model for --train_dataset {}: {} not found (train it, or give --exp_dir or '
                          '--model_weight_file)'.format(args.train_dataset, args.model_weight_file))
     elif not os.path.isfile(args.model_weight_file):
@@ -111,8 +151,19 @@ def check_args(parser, args):
         args.device = 'cuda' if torch.cuda.is_available() else 'cpu'
     if args.device.startswith('cuda') and not torch.cuda.is_available():
         parser.error('--device {}: CUDA is not available on this machine'.format(args.device))
-    if args.test_batch_size < 1 or args.workers < 0 or args.num_vis_queries < 0:
-        parser.error('--test_batch_size must be >= 1, --workers and --num_vis_queries >= 0')
+    if not (args.device == 'cpu' or args.device.startswith('cuda')):
+        parser.error("--device must be 'cpu', 'cuda' or 'cuda:N', got {!r}".format(args.device))
+    for flag, low in (('test_batch_size', 1), ('workers', 0), ('num_vis_queries', 0)):
+        if getattr(args, flag) < low:
+            parser.error('--{} must be at least {}, got {}'.format(flag, low, getattr(args, flag)))
+    if args.local_conv_out_channels is not None and args.local_conv_out_channels < 1:
+        parser.error('--local_conv_out_channels must be at least 1, got {}'.format(args.local_conv_out_channels))
+    if args.resize_h_w is not None and min(args.resize_h_w) < 16:
+        parser.error('--resize_h_w must be at least 16 16, got {} {}'.format(*args.resize_h_w))
+    for flag, folder in (('--exp_dir', args.exp_dir), ('--vis_dir', args.vis_dir)):
+        problem = folder and utils.writable_folder_problem(folder)
+        if problem:
+            parser.error('{}: {} (results are written there)'.format(flag, problem))
     return args
 
 
@@ -167,24 +218,34 @@ def draw(feats, results, partitions, im_dir, args, cfg):
 
 def main(args):
     device = torch.device(args.device)
-    model, cfg = load_model(args.model_weight_file, args, device)  # read and recognised before anything is written
-    logger = utils.setup_logging(os.path.join(args.exp_dir, 'test.log'))
     partitions = data.read_partitions(args.test_partitions)
     if 'test_im_names' not in partitions:
         raise SystemExit('test.py: {} has no test split (a combined training set?)'.format(args.test_partitions))
+    if args.multi_query != 'none' and 2 not in partitions['test_marks']:
+        raise SystemExit('test.py: --multi_query {}: {} holds no multi-query images (mark 2, the gt_bbox/ '
+                         'images of Market-1501); use --multi_query none'.format(args.multi_query,
+                                                                                args.test_partitions))
+    model, cfg = load_model(args.model_weight_file, args, device)  # read and recognised before anything is written
+    logger = utils.setup_logging(os.path.join(args.exp_dir, 'test.log'))
+    if not cfg['size_from_checkpoint']:
+        logger.warning('warning: %s holds no input size (a bare state dict?): testing at %d x %d; give '
+                       '--resize_h_w H W if the model was trained at another size', args.model_weight_file,
+                       *cfg['resize_h_w'])
     im_dir = data.partitions_images_dir(args.test_partitions)
-    logger.info('testing %s (%s, %s; input %d x %d, mean %s, std %s) on %s (%s)', args.model_weight_file,
-                cfg['layout'], cfg['base_model'], cfg['resize_h_w'][0], cfg['resize_h_w'][1], cfg['mean'], cfg['std'],
+    h, w = cfg['resize_h_w']
+    logger.info('testing %s (%s, %s; input %d x %d, flip %s, mean %s, std %s) on %s (%s)', args.model_weight_file,
+                cfg['layout'], cfg['base_model'], h, w, 'on' if args.flip else 'off', cfg['mean'], cfg['std'],
                 args.test_dataset, args.test_partitions)
     feats, results, table = evaluate(model, partitions, im_dir, cfg, args, device)
-    logger.info('train %s -> test %s, %s distance%s:\n%s', args.train_dataset, args.test_dataset,
+    logger.info('train %s -> test %s, %s distance%s, input %d x %d%s:\n%s', args.train_dataset, args.test_dataset,
                 args.test_distance, ', multi-query ' + args.multi_query if args.multi_query != 'none' else '',
-                table)
+                h, w, ', flip' if args.flip else '', table)
     name = 'metrics.json' if args.test_dataset == args.train_dataset else 'metrics_{}.json'.format(args.test_dataset)
     out = os.path.join(args.exp_dir, name)
     utils.write_json({'train_dataset': args.train_dataset, 'test_dataset': args.test_dataset,
                 'test_partitions': args.test_partitions, 'model_weight_file': args.model_weight_file,
                 'test_distance': args.test_distance, 'ap_mode': args.ap_mode, 'multi_query': args.multi_query,
+                'base_model': cfg['base_model'], 'resize_h_w': [int(h), int(w)], 'flip': bool(args.flip),
                 'results': utils.metrics_summary(results)}, out)
     logger.info('metrics written to %s', out)
     if args.num_vis_queries:
@@ -198,5 +259,10 @@ def main(args):
 if __name__ == '__main__':
     try:
         main(parse_args())
+    except data.UnreadableImageError as e:  # also from a loader worker, whose traceback it carries
+        raise SystemExit('test.py: {}'.format(data.unreadable_image_line(e)))
+    except PermissionError as e:
+        raise SystemExit('test.py: cannot write {}: {}'.format(e.filename, e.strerror) if e.filename
+                         else 'test.py: {}'.format(e))
     except (ValueError, FileNotFoundError) as e:
         raise SystemExit('test.py: {}'.format(e))

@@ -155,6 +155,7 @@ def build_parser():
                                'naming what to use instead)')
     old.add_argument('-d', '--sys_device_ids', action=OldFlag, nargs='?', help=utils.OLD_DEVICE_HELP)
     old.add_argument('-r', '--run', action=OldFlag, nargs='?', help=utils.OLD_RUN_HELP)
+    utils.accept_negative_numbers(p)
     return p
 
 
@@ -271,11 +272,21 @@ def check_args(parser, args, explicit=()):
     for flag in ('ids_per_batch', 'ims_per_id', 'total_epochs', 'exp_decay_at_epoch', 'test_batch_size'):
         if getattr(args, flag) < 1:
             parser.error('--{} must be at least 1, got {}'.format(flag, getattr(args, flag)))
+    if args.ids_per_batch < 2:
+        parser.error('--ids_per_batch must be at least 2: hard mining needs another identity in the batch '
+                     'for the negatives, got {}'.format(args.ids_per_batch))
     if args.ims_per_id < 2:
         parser.error('--ims_per_id must be at least 2 so that every anchor has a positive, got {}'.format(
             args.ims_per_id))
     if min(args.resize_h_w) < 16:
         parser.error('--resize_h_w must be at least 16 16, got {} {}'.format(*args.resize_h_w))
+    if args.local_conv_out_channels < 1:
+        parser.error('--local_conv_out_channels must be at least 1, got {}'.format(args.local_conv_out_channels))
+    if args.label_smoothing >= 1:
+        parser.error('--label_smoothing must lie in [0, 1), got {}'.format(args.label_smoothing))
+    if args.staircase_decay_multiply_factor <= 0:
+        parser.error('--staircase_decay_multiply_factor must be positive, got {}'.format(
+            args.staircase_decay_multiply_factor))
     for flag in ('workers', 'epochs_per_test', 'steps_per_log', 'base_lr', 'weight_decay', 'global_margin',
                  'local_margin', 'global_loss_weight', 'local_loss_weight', 'id_loss_weight', 'label_smoothing'):
         if getattr(args, flag) < 0:
@@ -303,6 +314,11 @@ def check_args(parser, args, explicit=()):
     if key not in parts:
         parser.error('--trainset_part {}: {} has no {!r} (a combined set holds trainval only)'.format(
             args.trainset_part, args.train_partitions, key))
+    periodic = 'val' if args.trainset_part == 'train' else 'test'
+    if args.epochs_per_test and periodic + '_im_names' not in parts:
+        parser.error('--epochs_per_test {}: {} has no {} split to test on (a combined set, or prepared with '
+                     '--num_val_ids 0?); use --epochs_per_test 0'.format(args.epochs_per_test, args.train_partitions,
+                                                                        periodic))
     num_ids = len(parts[key])
     if args.ids_per_batch > num_ids:
         parser.error('--ids_per_batch {} exceeds the {} identities of the {} set in {}'.format(
@@ -311,6 +327,12 @@ def check_args(parser, args, explicit=()):
     if args.ids_per_batch % world:
         parser.error('--ids_per_batch {} must be divisible by the number of processes ({})'.format(
             args.ids_per_batch, world))
+    if args.ids_per_batch // world < 2:
+        parser.error('--ids_per_batch {} over {} processes leaves {} identity per process; hard mining needs '
+                     'at least 2 per process'.format(args.ids_per_batch, world, args.ids_per_batch // world))
+    problem = utils.writable_folder_problem(args.exp_dir)
+    if problem:
+        parser.error('--exp_dir: {}; give another --exp_dir'.format(problem))
     return args
 
 
@@ -580,6 +602,9 @@ def setup_run(args):
     utils.barrier()
     logger = utils.setup_logging(os.path.join(args.exp_dir, 'train.log'), main_process=rank == 0)
     if rank == 0:
+        for path, size in utils.remove_stale_temp_files(args.exp_dir):
+            logger.info('removed %s (%.1f MB): the temporary file of a save that was killed midway', path,
+                        size / 2 ** 20)
         utils.write_json(vars(args), os.path.join(args.exp_dir, 'args.json'))
         logger.info('command: %s', ' '.join(sys.argv))
         logger.info('arguments: %s', json.dumps(vars(args), sort_keys=True))
@@ -698,6 +723,12 @@ def main(args, compute=None):
                 utils.set_rng_state(rng[rank])
             logger.info('resumed from %s: %d epochs done%s', ckpt_path, start_epoch,
                         ' and {} steps of the next'.format(start_step) if start_step else '')
+            if start_epoch >= args.total_epochs and not start_step:
+                logger.info('the run in %s is already finished (%d of %d epochs): nothing to train. Test it '
+                            'with --onlytest true, or train on with a larger --total_epochs',
+                            args.exp_dir, start_epoch, args.total_epochs)
+                utils.cleanup_distributed()
+                return None
 
     # test-only early return
     if args.onlytest:
@@ -764,5 +795,22 @@ def main(args, compute=None):
     return results
 
 
+def run_cli(main_fn, parse, script='train.py'):
+    """Runs a training script; a failure the user can fix (an unreadable image, a checkpoint that cannot be
+    written, a folder without permission) ends it with one line, also written to train.log."""
+    try:
+        main_fn(parse())
+    except data.UnreadableImageError as e:
+        message = data.unreadable_image_line(e)
+    except utils.CheckpointWriteError as e:
+        message = e.strerror or str(e)
+    except PermissionError as e:
+        message = 'cannot write {}: {}'.format(e.filename, e.strerror) if e.filename else str(e)
+    else:
+        return
+    utils.log_error_to_file(message)
+    raise SystemExit('{}: {}'.format(script, message))
+
+
 if __name__ == '__main__':
-    main(parse_args())
+    run_cli(main, parse_args)

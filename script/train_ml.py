@@ -169,6 +169,12 @@ def main(args):
             if len(state.get('rng') or []) == world:
                 utils.set_rng_state(state['rng'][rank])
             logger.info('resumed from %s: %d epochs done', ckpt_path, start_epoch)
+            if start_epoch >= args.total_epochs and not start_step:
+                logger.info('the run in %s is already finished (%d of %d epochs): nothing to train. Test it '
+                            'with --onlytest true, or train on with a larger --total_epochs',
+                            args.exp_dir, start_epoch, args.total_epochs)
+                utils.cleanup_distributed()
+                return None
 
     if not args.onlytest:
         if world > 1:
@@ -230,4 +236,4 @@ def main(args):
 
 
 if __name__ == '__main__':
-    main(parse_args())
+    single.run_cli(main, parse_args, script='train_ml.py')

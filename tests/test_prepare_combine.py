@@ -1,5 +1,7 @@
 """Tests of data_set/combine_all.py: trainval sets of prepared datasets combined with disjoint ids and cameras."""
 
+import os
+
 import pytest
 from PIL import Image
 
@@ -69,6 +71,9 @@ def test_combine_bad_input(tmp_path):
         combine_all.main(['--datasets', str(a), '--save_dir', str(tmp_path / 'o')])
     b = make_prepared(tmp_path, 'duke', (1, 2), (1, 2), 10)
     (b / 'images' / read_partitions(str(b / 'partitions.pkl'))['trainval_im_names'][1]).unlink()
+    before = read_partitions(str(tmp_path / 'o' / 'partitions.pkl'))
     with pytest.raises(FileNotFoundError, match='image listed but missing'):
         combine_all.main(['--datasets', str(a), str(b), '--save_dir', str(tmp_path / 'o'), '--overwrite'])
-    assert not (tmp_path / 'o' / 'partitions.pkl').exists()
+    # the failed --overwrite left the previous combined set whole
+    assert read_partitions(str(tmp_path / 'o' / 'partitions.pkl')) == before
+    assert sorted(os.listdir(tmp_path / 'o' / 'images')) == sorted(before['trainval_im_names'])

@@ -239,9 +239,12 @@ class Boom(RuntimeError):
 
 @pytest.mark.parametrize('existing', [False, True])
 def test_interrupted_run_leaves_no_partitions(tmp_path, monkeypatch, existing):
+    """A failure while the new set is written leaves no partitions file, or, with --overwrite of an
+    existing set, the old set exactly as it was (and nothing beside it); a plain rerun then works."""
     build_market_tree(tmp_path / 'raw')
     if existing:
         prepare.prepare_market_layout(tmp_path / 'raw', tmp_path / 'out', num_val_ids=1, verbose=False)
+        before = tree_digest(tmp_path / 'out')
     calls = []
     original = prepare._Writer.write
 
@@ -255,10 +258,15 @@ def test_interrupted_run_leaves_no_partitions(tmp_path, monkeypatch, existing):
     with pytest.raises(Boom):
         prepare.prepare_market_layout(tmp_path / 'raw', tmp_path / 'out', num_val_ids=1,
                                       overwrite=existing, verbose=False)
-    assert not (tmp_path / 'out' / 'partitions.pkl').exists()
-    assert not (tmp_path / 'out' / 'images').exists()
+    if existing:
+        assert tree_digest(tmp_path / 'out') == before
+        assert sorted(os.listdir(tmp_path / 'out')) == ['images', 'partitions.pkl']
+    else:
+        assert not (tmp_path / 'out' / 'partitions.pkl').exists()
+        assert not (tmp_path / 'out' / 'images').exists()
     monkeypatch.setattr(prepare._Writer, 'write', original)
-    prepare.prepare_market_layout(tmp_path / 'raw', tmp_path / 'out', num_val_ids=1, verbose=False)
+    prepare.prepare_market_layout(tmp_path / 'raw', tmp_path / 'out', num_val_ids=1, verbose=False,
+                                  overwrite=existing)
     assert (tmp_path / 'out' / 'partitions.pkl').exists()
 
 

@@ -395,8 +395,10 @@ def test_train_bad_combinations(world, tmp_path, capsys):
 
 def test_test_script_bad_input(world, tmp_path, capsys):
     none = str(tmp_path / 'none')
-    assert 'no trained model for --train_dataset market1501' in _parse_error(
+    assert '--exp_dir {}: no trained model there'.format(none) in _parse_error(
         test_script, ['--exp_dir', none, '--test_partitons', world['market']], capsys)
+    assert 'no trained model for --train_dataset duke' in _parse_error(
+        test_script, ['--train_dataset', 'duke', '--test_partitons', world['market']], capsys)
     assert '--model_weight_file: file not found' in _parse_error(
         test_script, ['--model_weight_file', 'nope.pth', '--test_partitons', world['market']], capsys)
     weights = tmp_path / 'w.pth'
