@@ -109,8 +109,8 @@ def check_args(parser, args):
     --train_dataset the run's saved arguments name the training set (and, tested on it, its partitions)."""
     if args.resize_h_w is not None:
         args.resize_h_w = utils.flat_ints(args.resize_h_w)
-        if len(args.resize_h_w) != 2 or min(args.resize_h_w) < 16:
-            parser.error("--resize_h_w takes a height and a width of at least 16 (256 128, or '(256,128)'), got "
+        if len(args.resize_h_w) != 2:
+            parser.error("--resize_h_w takes a height and a width (256 128, or '(256,128)'), got "
                          '{}'.format(' '.join(map(str, args.resize_h_w))))
     if args.model_index < 1:
         parser.error('--model_index must be at least 1 (models are counted from 1), got {}'.format(args.model_index))

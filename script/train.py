@@ -479,34 +479,36 @@ def train_one_epoch(model, loader, optimizer, scaler, device, epoch, losses, amp
     n_images, stopped, step = 0, False, start_step
     bar = tqdm(total=total, initial=start_step, desc='epoch {}'.format(epoch), disable=not utils.is_main(),
                leave=False, dynamic_ncols=True)
-    for step, (images, labels) in enumerate(timer.batches(loader), start=start_step + 1):
-        images, labels = images.to(device, non_blocking=True), labels.to(device, non_blocking=True)
-        if channels_last:
-            images = images.contiguous(memory_format=torch.channels_last)
-        with torch.autocast(device_type=device.type, dtype=amp_dtype or torch.float32, enabled=amp_dtype is not None):
-            outputs = model(images)
-        outputs = {k: v.float() for k, v in outputs.items()}
-        result = compute(outputs, labels, **losses)
-        optimizer.zero_grad(set_to_none=True)
-        (scaler.scale(result['loss']) if scaler is not None else result['loss']).backward()
-        values, any_bad, stop_now = read_step(stats.add(result), stop, device)
-        if any_bad:
-            raise NonFiniteLoss(non_finite_message(stats.terms, values, epoch, step, total))
-        if scaler is not None:
-            scaler.step(optimizer)
-            scaler.update()
-        else:
-            optimizer.step()
-        n_images += images.shape[0] * world
-        bar.update()
-        bar.set_postfix(loss='{:.4f}'.format(values[stats.terms.index('loss')]), refresh=False)
-        if steps_per_log and step % steps_per_log == 0 and logger is not None:
-            logger.info('epoch %d step %d/%d  %s', epoch, step, total,
-                        '  '.join('{} {:.4f}'.format(k, v) for k, v in sorted(stats.means().items())))
-        if stop_now:
-            stopped = True
-            break
-    bar.close()
+    try:  # the bar is cleared however the epoch ends (an error message then starts its own line)
+        for step, (images, labels) in enumerate(timer.batches(loader), start=start_step + 1):
+            images, labels = images.to(device, non_blocking=True), labels.to(device, non_blocking=True)
+            if channels_last:
+                images = images.contiguous(memory_format=torch.channels_last)
+            with torch.autocast(device_type=device.type, dtype=amp_dtype or torch.float32, enabled=amp_dtype is not None):
+                outputs = model(images)
+            outputs = {k: v.float() for k, v in outputs.items()}
+            result = compute(outputs, labels, **losses)
+            optimizer.zero_grad(set_to_none=True)
+            (scaler.scale(result['loss']) if scaler is not None else result['loss']).backward()
+            values, any_bad, stop_now = read_step(stats.add(result), stop, device)
+            if any_bad:
+                raise NonFiniteLoss(non_finite_message(stats.terms, values, epoch, step, total))
+            if scaler is not None:
+                scaler.step(optimizer)
+                scaler.update()
+            else:
+                optimizer.step()
+            n_images += images.shape[0] * world
+            bar.update()
+            bar.set_postfix(loss='{:.4f}'.format(values[stats.terms.index('loss')]), refresh=False)
+            if steps_per_log and step % steps_per_log == 0 and logger is not None:
+                logger.info('epoch %d step %d/%d  %s', epoch, step, total,
+                            '  '.join('{} {:.4f}'.format(k, v) for k, v in sorted(stats.means().items())))
+            if stop_now:
+                stopped = True
+                break
+    finally:
+        bar.close()
     seconds, timing = timer.stats()
     means = utils.reduce_mean_scalars(stats.means())
     means.update(timing)

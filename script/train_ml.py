@@ -71,44 +71,46 @@ def train_one_epoch(models, loader, optimizers, scalers, device, epoch, losses, 
     n_images, stopped, step = 0, False, start_step
     bar = tqdm(total=total, initial=start_step, desc='epoch {}'.format(epoch), disable=not utils.is_main(),
                leave=False, dynamic_ncols=True)
-    for step, (images, labels) in enumerate(timer.batches(loader), start=start_step + 1):
-        images, labels = images.to(device, non_blocking=True), labels.to(device, non_blocking=True)
-        if channels_last:
-            images = images.contiguous(memory_format=torch.channels_last)
-        outputs = []
-        for m in models:
-            with torch.autocast(device_type=device.type, dtype=amp_dtype or torch.float32,
-                                enabled=amp_dtype is not None):
-                outputs.append({k: v.float() for k, v in m(images).items()})
-        results = {}
-        for i, out in enumerate(outputs):
-            own = compute_losses(out, labels, **losses)
-            ml = mutual_losses(out, outputs[1 - i], labels, normalize_feature=losses['normalize_feature'], **mutual)
-            r = dict(own, **{k: v for k, v in ml.items() if k != 'loss'})
-            r['own_loss'], r['mutual_loss'], r['loss'] = own['loss'], ml['loss'], own['loss'] + ml['loss']
-            results.update({'m{}_{}'.format(i + 1, k): v for k, v in r.items()})
-        for opt in optimizers:
-            opt.zero_grad(set_to_none=True)
-        for i, scaler in enumerate(scalers):
-            loss = results['m{}_loss'.format(i + 1)]
-            (scaler.scale(loss) if scaler is not None else loss).backward()
-        values, any_bad, stop_now = single.read_step(stats.add(results), stop, device)
-        if any_bad:
-            raise single.NonFiniteLoss(single.non_finite_message(stats.terms, values, epoch, step, total))
-        for opt, scaler in zip(optimizers, scalers):
-            if scaler is not None:
-                scaler.step(opt)
-                scaler.update()
-            else:
-                opt.step()
-        n_images += images.shape[0] * utils.get_world_size()
-        bar.update()
-        bar.set_postfix(loss1='{:.4f}'.format(values[stats.terms.index('m1_loss')]),
-                        loss2='{:.4f}'.format(values[stats.terms.index('m2_loss')]), refresh=False)
-        if stop_now:
-            stopped = True
-            break
-    bar.close()
+    try:  # the bar is cleared however the epoch ends (an error message then starts its own line)
+        for step, (images, labels) in enumerate(timer.batches(loader), start=start_step + 1):
+            images, labels = images.to(device, non_blocking=True), labels.to(device, non_blocking=True)
+            if channels_last:
+                images = images.contiguous(memory_format=torch.channels_last)
+            outputs = []
+            for m in models:
+                with torch.autocast(device_type=device.type, dtype=amp_dtype or torch.float32,
+                                    enabled=amp_dtype is not None):
+                    outputs.append({k: v.float() for k, v in m(images).items()})
+            results = {}
+            for i, out in enumerate(outputs):
+                own = compute_losses(out, labels, **losses)
+                ml = mutual_losses(out, outputs[1 - i], labels, normalize_feature=losses['normalize_feature'], **mutual)
+                r = dict(own, **{k: v for k, v in ml.items() if k != 'loss'})
+                r['own_loss'], r['mutual_loss'], r['loss'] = own['loss'], ml['loss'], own['loss'] + ml['loss']
+                results.update({'m{}_{}'.format(i + 1, k): v for k, v in r.items()})
+            for opt in optimizers:
+                opt.zero_grad(set_to_none=True)
+            for i, scaler in enumerate(scalers):
+                loss = results['m{}_loss'.format(i + 1)]
+                (scaler.scale(loss) if scaler is not None else loss).backward()
+            values, any_bad, stop_now = single.read_step(stats.add(results), stop, device)
+            if any_bad:
+                raise single.NonFiniteLoss(single.non_finite_message(stats.terms, values, epoch, step, total))
+            for opt, scaler in zip(optimizers, scalers):
+                if scaler is not None:
+                    scaler.step(opt)
+                    scaler.update()
+                else:
+                    opt.step()
+            n_images += images.shape[0] * utils.get_world_size()
+            bar.update()
+            bar.set_postfix(loss1='{:.4f}'.format(values[stats.terms.index('m1_loss')]),
+                            loss2='{:.4f}'.format(values[stats.terms.index('m2_loss')]), refresh=False)
+            if stop_now:
+                stopped = True
+                break
+    finally:
+        bar.close()
     seconds, timing = timer.stats()
     means = utils.reduce_mean_scalars(stats.means())
     means.update(timing)
