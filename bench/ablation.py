@@ -205,10 +205,18 @@ def format_table(rows):
 
 
 def machine():
+    """What the figures were measured on: CPU model and count, torch threads (the training scripts
+    inherit OMP_NUM_THREADS), niceness, versions, GPU."""
     import torch
-    return {'platform': platform.platform(), 'processor': platform.processor() or platform.machine(),
-            'cpu_count': os.cpu_count(), 'python': platform.python_version(), 'torch': torch.__version__,
-            'cuda': torch.cuda.get_device_name(0) if torch.cuda.is_available() else None}
+    cpu = platform.processor() or platform.machine()
+    if os.path.isfile('/proc/cpuinfo'):
+        with open('/proc/cpuinfo') as f:
+            names = [ln.split(':', 1)[1].strip() for ln in f if ln.startswith('model name')]
+        cpu = names[0] if names else cpu
+    return {'platform': platform.platform(), 'cpu': cpu, 'cpu_count': os.cpu_count(),
+            'torch_threads': torch.get_num_threads(), 'OMP_NUM_THREADS': os.environ.get('OMP_NUM_THREADS'),
+            'nice': os.nice(0) if hasattr(os, 'nice') else None, 'python': platform.python_version(),
+            'torch': torch.__version__, 'cuda': torch.cuda.get_device_name(0) if torch.cuda.is_available() else None}
 
 
 def main(args):
