@@ -87,6 +87,9 @@ def build_parser():
     p.add_argument('--rerun', action='store_true',
                    help='train again even when a run folder holds the metrics of the same command. '
                         'Default: reuse them')
+    p.add_argument('--report_only', action='store_true',
+                   help='train nothing: tabulate the runs of the given settings and seeds that have '
+                        'finished (e.g. of an interrupted ablation). Default: train what is missing')
     return p
 
 
@@ -137,17 +140,28 @@ def ensure_data(preset, data_dir, render_seed):
     subprocess.run(cmd, check=True)
 
 
+def finished(argv, exp_dir):
+    """The metrics dict exp_dir holds from a finished run of the same command, else None."""
+    cmd_path, metrics_path = os.path.join(exp_dir, 'command.txt'), os.path.join(exp_dir, 'metrics.json')
+    if not (os.path.isfile(metrics_path) and os.path.isfile(cmd_path)):
+        return None
+    with open(cmd_path) as f:
+        if f.read().strip() != ' '.join(shlex.quote(a) for a in argv[1:]):
+            return None
+    with open(metrics_path) as f:
+        return json.load(f)
+
+
 def train(argv, exp_dir, rerun):
     """Runs one training command (output to exp_dir/run.log) unless exp_dir already holds the metrics
     of the same command. Returns (metrics dict, wall seconds or None when reused)."""
     os.makedirs(exp_dir, exist_ok=True)
     cmd_path, metrics_path = os.path.join(exp_dir, 'command.txt'), os.path.join(exp_dir, 'metrics.json')
-    cmd = ' '.join(shlex.quote(a) for a in argv[1:])  # the interpreter path may differ between runs
-    if not rerun and os.path.isfile(metrics_path) and os.path.isfile(cmd_path):
-        with open(cmd_path) as f:
-            if f.read().strip() == cmd:
-                with open(metrics_path) as f:
-                    return json.load(f), None
+    # The interpreter path is left out: it may differ between runs of the same ablation.
+    cmd = ' '.join(shlex.quote(a) for a in argv[1:])
+    done = None if rerun else finished(argv, exp_dir)
+    if done is not None:
+        return done, None
     for path in (metrics_path, cmd_path):
         if os.path.exists(path):
             os.remove(path)
@@ -228,19 +242,30 @@ def main(args):
         args.data_dir or os.path.join('~', 'Dataset', 'synthetic_ablation_' + args.preset)))
     out_dir = os.path.abspath(args.out_dir or os.path.join('exp', 'ablation', args.preset))
     os.makedirs(out_dir, exist_ok=True)
-    ensure_data(args.preset, data_dir, args.render_seed)
+    if not args.report_only:
+        ensure_data(args.preset, data_dir, args.render_seed)
 
     report = {'preset': args.preset, 'command': ' '.join(shlex.quote(a) for a in sys.argv),
               'machine': machine(), 'data_dir': data_dir, 'render_seed': args.render_seed,
               'epochs': epochs, 'exp_decay_at_epoch': decay_at, 'seeds': seeds, 'runs': {}}
+    if args.report_only:
+        report['report_only'] = 'tabulated from finished runs; machine is the tabulating one'
     runs = {s: [] for s in args.settings}
+    table = format_table([])
     t0 = time.time()
     for seed in seeds:
         for setting in args.settings:
             exp_dir = os.path.join(out_dir, setting, 'seed{}'.format(seed))
             argv = run_command(args.preset, setting, seed, data_dir, exp_dir, epochs, decay_at, args.device, args.extra)
-            print('[{:6.0f} s] {} seed {}: {}'.format(time.time() - t0, setting, seed, ' '.join(argv[1:])), flush=True)
-            metrics, wall = train(argv, exp_dir, args.rerun)
+            if args.report_only:
+                metrics, wall = finished(argv, exp_dir), None
+                if metrics is None:
+                    print('{} seed {}: not finished, left out'.format(setting, seed), flush=True)
+                    continue
+            else:
+                print('[{:6.0f} s] {} seed {}: {}'.format(time.time() - t0, setting, seed, ' '.join(argv[1:])),
+                      flush=True)
+                metrics, wall = train(argv, exp_dir, args.rerun)
             r = {'seed': seed, 'wall_s': wall, 'exp_dir': exp_dir, 'command': argv[1:],
                  'last_epoch': last_epoch_stats(os.path.join(exp_dir, 'train.log')), 'metrics': {
                      k: {d: {m: v[m] for m in ('rank1', 'mAP', 'rank5', 'mINP') if m in v} for d, v in metrics[k].items()}

@@ -77,3 +77,25 @@ def test_summarize_means_and_spread():
     table = ablation.format_table(rows).splitlines()
     assert len(table) == 2 + len(rows)
     assert table[2].startswith('| global | global | 3 | 60.00 +- 10.00 [50.00-70.00] |')
+
+
+def test_report_only_tabulates_finished_runs(tmp_path, capsys):
+    """A run folder counts when it holds metrics.json and the same command; others are left out."""
+    out = tmp_path / 'exp'
+    args = ablation.build_parser().parse_args(
+        ['--out_dir', str(out), '--data_dir', str(tmp_path / 'data'), '--seeds', '1', '2',
+         '--settings', 'global', '--epochs', '3', '--report_only'])
+    for seed, r1 in ((1, 0.5), (2, 0.7)):
+        exp = out / 'global' / 'seed{}'.format(seed)
+        exp.mkdir(parents=True)
+        argv = ablation.run_command('cpu', 'global', seed, str(tmp_path / 'data'), str(exp), 3, 15, None, '')
+        cmd = ' '.join(argv[1:]) if seed == 1 else 'another command'
+        (exp / 'command.txt').write_text(cmd + '\n')
+        (exp / 'metrics.json').write_text(
+            '{"results": {"global": {"rank1": %s, "mAP": 0.4}, "global+re_rank": {"rank1": 0.8, "mAP": 0.6}}}' % r1)
+    report = ablation.main(args)
+    assert [r['seed'] for r in report['runs']['global']] == [1]
+    assert report['table'][0]['rank1']['mean'] == pytest.approx(50.)
+    assert 'global seed 2: not finished' in capsys.readouterr().out
+    assert (out / 'ablation.md').read_text().count('\n') == 3
+    assert not (tmp_path / 'data').exists()  # nothing rendered
