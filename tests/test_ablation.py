@@ -88,7 +88,8 @@ def test_report_only_tabulates_finished_runs(tmp_path, capsys):
     for seed, r1 in ((1, 0.5), (2, 0.7)):
         exp = out / 'global' / 'seed{}'.format(seed)
         exp.mkdir(parents=True)
-        argv = ablation.run_command('cpu', 'global', seed, str(tmp_path / 'data'), str(exp), 3, 15, None, '')
+        argv = ablation.run_command('cpu', 'global', seed, str(tmp_path / 'data'), str(exp), 3,
+                                    ablation.PRESETS['cpu']['decay_at'], None, '')
         cmd = ' '.join(argv[1:]) if seed == 1 else 'another command'
         (exp / 'command.txt').write_text(cmd + '\n')
         (exp / 'metrics.json').write_text(
