@@ -1,5 +1,32 @@
 """Procedural pedestrian renderer (Pillow + numpy) that writes a synthetic re-id dataset in the
-exact Market-1501 folder layout and file naming, so the real Market preparation runs on it."""
+exact Market-1501 folder layout and file naming, so the real Market preparation runs on it.
+
+Misalignment model (DETECTOR below). Real re-id crops come from pedestrian detectors: Market-1501
+and CUHK03 "detected" from DPM, MSMT17 from Faster R-CNN; only Market's queries / gt_bbox and
+CUHK03 "labeled" are hand-drawn. The Pedestrian Alignment Network paper (Zheng, Zheng, Yang,
+arXiv 1707.00408) names the two detector errors: excessive background and missing parts; the
+AlignedReID paper (arXiv 1711.08184) adds pose and occlusion as causes of misalignment. The one
+published magnitude is Market-1501's annotation rule (Zheng et al., ICCV 2015, and the dataset
+page): a DPM box whose IoU with the hand-drawn box is above 0.5 is kept as a "good" image
+(training and gallery), below 0.2 it is a distractor (0000_*), in between junk (-1_*). So:
+
+- queries and gt_bbox images are hand-drawn boxes ('hand'): the person with a margin of 2-6% of
+  its height above and below and a 1.5% annotation jitter (our choice; no figure published);
+- training and gallery images are detected boxes ('detected'): the hand-drawn box moved by
+  (dx, dy) box widths / heights and scaled by k, kept only when IoU > 0.5 (Market's rule).
+  A box of equal size passes the rule up to an offset of 1/3 of its side ((1 - s) / (1 + s) > 0.5)
+  and a concentric box up to a scale of sqrt(2) (1 / k^2 > 0.5); these bounds span the "poor"
+  detections, drawn uniformly within them and filtered by the rule. Such boxes cut off the head
+  or the legs (partial bodies) or hold extra background;
+- no distribution of DPM (or Faster R-CNN) box errors on these datasets is published that we
+  found, so the rest are our choices, stated here: 30% of detections are poor, the others jitter
+  with standard deviations of 5% of the height (vertical), 4% of the width (horizontal) and 6%
+  in log scale; each camera adds a fixed bias of up to +-4% vertical offset and +-5% log scale
+  (detectors err differently with viewpoint and person size); 15% of crops have an occluder
+  (band at the bottom or one side);
+- distractors and junk are poor detections of people outside the labelled set, boxed with
+  IoU < 0.2 (but overlapping the person) and 0.2 <= IoU <= 0.5, as in Market's rule.
+"""
 import functools
 import os
 import shutil
@@ -13,6 +40,23 @@ SUBDIRS = ('bounding_box_train', 'bounding_box_test', 'query', 'gt_bbox')
 # Seed-stream tags: every random draw comes from a Generator seeded by (seed, tag, keys...), so an
 # image depends only on its own identity / camera / index and never on rendering order.
 _IDENTITY, _CAMERA, _IMAGE, _SPLIT, _TRACK, _DISTRACTOR, _JUNK = range(7)
+
+# Detector model of the crops (see the module docstring for the sources and the choices).
+DETECTOR = {
+    'good_iou': 0.5,               # Market-1501: IoU > 0.5 with the hand-drawn box is "good"
+    'distractor_iou': 0.2,         # Market-1501: IoU < 0.2 is a distractor; in between, junk
+    'poor_prob': 0.3,              # share of detections drawn from the whole IoU > 0.5 range
+    'poor_span': 1. / 3.,          # largest offset (box sides) an equal-size box can have at IoU 0.5
+    'poor_scale': 2. ** 0.5,       # largest scale a concentric box can have at IoU 0.5
+    'sigma_y': 0.05,               # the others: vertical jitter (box heights)
+    'sigma_x': 0.04,               # horizontal jitter (box widths)
+    'sigma_log_scale': 0.06,       # scale jitter (log)
+    'camera_shift': 0.04,          # per-camera bias: vertical offset up to +-this
+    'camera_log_scale': 0.05,      # per-camera bias: log scale up to +-this
+    'hand_sigma': 0.015,           # hand-drawn boxes: annotation jitter of offset and log scale
+    'hand_margin': (0.02, 0.06),   # hand-drawn boxes: margin above the head / below the feet
+    'occlusion_prob': 0.15,        # crops with an occluder in front of the person
+}
 
 # Kinds of image; part of the per-image seed so a query never repeats a gallery image.
 KIND_TRAIN, KIND_GALLERY, KIND_QUERY, KIND_MQ = range(4)
@@ -64,7 +108,6 @@ def make_identity(seed, pid):
     skin = _hsv_to_rgb(rng.uniform(0.03, 0.1), rng.uniform(0.25, 0.6), rng.uniform(0.35, 0.95))
     hair_v = rng.choice([0.08, 0.2, 0.35, 0.6, 0.85])
     return {
-        'height': rng.uniform(0.88, 1.04),            # fraction of the nominal box height
         'width': rng.uniform(0.8, 1.25),               # shoulder width multiplier
         'head': rng.uniform(0.11, 0.14),                # head diameter / body height
         'torso': rng.uniform(0.28, 0.36),               # torso length / body height
@@ -106,8 +149,10 @@ def make_camera(seed, cam):
         'texture_period': rng.uniform(0.06, 0.2),
         'clutter': [_hsv_to_rgb(rng.random(), rng.uniform(0.1, 0.9), rng.uniform(0.2, 0.95))
                     for _ in range(4)],
-        'shift': rng.uniform(-0.06, 0.06),              # mean vertical offset of the detections
-        'scale': rng.uniform(0.85, 1.1),                # mean person size in the box
+        # Detector bias of this camera (viewpoint, person size): mean vertical offset of its
+        # detected boxes (fraction of the person's height) and mean box scale.
+        'shift': rng.uniform(-DETECTOR['camera_shift'], DETECTOR['camera_shift']),
+        'scale': float(np.exp(rng.uniform(-DETECTOR['camera_log_scale'], DETECTOR['camera_log_scale']))),
         'front_prob': rng.uniform(0.2, 0.8),            # viewpoint: front vs back
         'noise': rng.uniform(0.0, 6.0),                 # sensor noise sigma, grey levels
         'blur_prob': rng.uniform(0.0, 0.4),
@@ -343,29 +388,71 @@ def _occlude(img, cam, rng):
         draw.rectangle([x0, h * rng.uniform(0., 0.5), x0 + bw, h], fill=colour)
 
 
-def render_image(ident, cam, rng, im_size=(128, 64), supersample=2, crop=None):
-    """One detection of `ident` seen by camera `cam`, as a PIL RGB image of size im_size (h, w).
+def box_iou(dx, dy, k):
+    """IoU of the hand-drawn box, the unit square centred at (0.5, 0.5), with a box of the same
+    aspect ratio scaled by k and centred at (0.5 + dx, 0.5 + dy) (dx in widths, dy in heights;
+    IoU is invariant to scaling either axis, so the units do not matter)."""
+    ox = max(0., min(0.5, dx + k / 2.) - max(-0.5, dx - k / 2.))
+    oy = max(0., min(0.5, dy + k / 2.) - max(-0.5, dy - k / 2.))
+    inter = ox * oy
+    return inter / (1. + k * k - inter)
 
-    crop: None for a good detection, or 'partial' for the bad detections used as distractors /
-    junk (person badly off centre or cut, mostly background).
+
+def sample_box(rng, cam, box):
+    """Crop box relative to the person's hand-drawn box: (dx, dy, k) = centre offset in box widths /
+    heights and scale factor, with the IoU rule of Market-1501's annotation (see DETECTOR).
+
+    box: 'hand' (annotator's box: query / gt_bbox), 'detected' (IoU > 0.5: training and gallery),
+    'junk' (0.2 <= IoU <= 0.5) or 'distractor' (IoU < 0.2 but overlapping the person).
+    """
+    d = DETECTOR
+    if box == 'hand':
+        s = d['hand_sigma']
+        return rng.normal(0., s), rng.normal(0., s), float(np.exp(rng.normal(0., s)))
+    for _ in range(1000):
+        if box == 'detected' and rng.random() >= d['poor_prob']:
+            dx = rng.normal(0., d['sigma_x'])
+            dy = cam['shift'] + rng.normal(0., d['sigma_y'])
+            k = cam['scale'] * float(np.exp(rng.normal(0., d['sigma_log_scale'])))
+        else:
+            # Poor detections: any box within the offsets and scales the IoU rule can admit; the
+            # rule below decides whether it counts as detected, junk or distractor.
+            span, k_max = (d['poor_span'], d['poor_scale']) if box == 'detected' else (1., 2.)
+            dx = rng.uniform(-span, span)
+            dy = cam['shift'] + rng.uniform(-span, span)
+            k = float(np.exp(rng.uniform(-np.log(k_max), np.log(k_max))))
+        iou = box_iou(dx, dy, k)
+        if ((box == 'detected' and iou > d['good_iou']) or
+                (box == 'junk' and d['distractor_iou'] <= iou <= d['good_iou']) or
+                (box == 'distractor' and 0.02 < iou < d['distractor_iou'])):
+            return dx, dy, k
+    raise RuntimeError('no {} box found in 1000 draws'.format(box))  # not reached with DETECTOR
+
+
+def render_image(ident, cam, rng, im_size=(128, 64), supersample=2, box='detected'):
+    """One crop of `ident` seen by camera `cam`, as a PIL RGB image of size im_size (h, w).
+
+    box: how the crop was boxed, see sample_box: 'hand' for Market's hand-drawn query / gt_bbox
+    images, 'detected' for the detector's training and gallery images, 'junk' / 'distractor' for
+    the poor detections Market keeps as junk (-1) and distractors (0000).
     """
     h, w = im_size
     H, W = h * supersample, w * supersample
     img = _background(cam, rng, H, W)
-    # Detector jitter: the person's size and vertical / horizontal placement in the box vary by
-    # camera and by detection, so body parts fall at different rows in different images.
-    ph = H * 0.88 * ident['height'] * cam['scale'] * rng.uniform(0.9, 1.1)
-    top = H * (0.05 + cam['shift'] + rng.uniform(-0.06, 0.06))
-    cx = W * (0.5 + rng.uniform(-0.07, 0.07))
-    if crop == 'partial':
-        ph *= rng.uniform(1.0, 1.8)
-        top -= rng.uniform(0., 0.6) * ph
-        cx += rng.choice([-1, 1]) * rng.uniform(0.25, 0.55) * W
+    # The annotator's box holds the whole person with a small margin above and below; the crop is
+    # that box moved by (dx, dy) and scaled by k, so the body lands at different rows in
+    # different crops, or is cut (head or legs outside the crop) when the box slides off it.
+    m_top, m_bottom = rng.uniform(*DETECTOR['hand_margin'], size=2)
+    dx, dy, k = sample_box(rng, cam, box)
+    y0, x0 = 0.5 + dy - k / 2., 0.5 + dx - k / 2.      # crop's top-left in hand-box units
+    top = H * (m_top - y0) / k
+    ph = H * (1. - m_top - m_bottom) / k
+    cx = W * (0.5 - x0) / k
     view = 'front' if rng.random() < cam['front_prob'] else 'back'
     if rng.random() < 0.1:
         view = 'side'
     _draw_person(img, ident, cx, top, ph, view, rng.uniform(0, 2 * np.pi), rng.uniform(0.3, 1.))
-    if rng.random() < 0.15:
+    if rng.random() < DETECTOR['occlusion_prob']:
         _occlude(img, cam, rng)
     img = img.resize((w, h), Image.BILINEAR)
     if rng.random() < cam['blur_prob']:
@@ -380,21 +467,16 @@ def _render_job(job):
     """Worker: render and save one image. job = (path, seed, pid, cam, kind, idx, im_size, quality)."""
     path, seed, pid, cam_id, kind, idx, im_size, quality = job
     cam = make_camera(seed, cam_id)
-    if kind == 'distractor':
-        # Distractors are detections of people outside the labelled set, cut badly.
-        rng = _rng(seed, _DISTRACTOR, idx)
-        ident = make_identity(seed, 100000 + idx)
-        img = render_image(ident, cam, rng, im_size, crop='partial')
-    elif kind == 'junk':
-        rng = _rng(seed, _JUNK, idx)
-        ident = make_identity(seed, 200000 + idx)
-        img = render_image(ident, cam, rng, im_size, crop='partial')
-        # Junk: a bad detection (mostly background), smeared as by a box of the wrong width.
-        img = img.resize((max(1, im_size[1] // 3), im_size[0]), Image.BILINEAR).resize(
-            (im_size[1], im_size[0]), Image.BILINEAR)
+    if kind in ('distractor', 'junk'):
+        # Poor detections of people outside the labelled set, boxed by Market's IoU rule.
+        rng = _rng(seed, _DISTRACTOR if kind == 'distractor' else _JUNK, idx)
+        ident = make_identity(seed, (100000 if kind == 'distractor' else 200000) + idx)
+        img = render_image(ident, cam, rng, im_size, box=kind)
     else:
+        # As in Market-1501: queries and gt_bbox are hand-drawn, training and gallery detected.
         rng = _rng(seed, _IMAGE, pid, cam_id, kind, idx)
-        img = render_image(make_identity(seed, pid), cam, rng, im_size)
+        img = render_image(make_identity(seed, pid), cam, rng, im_size,
+                           box='hand' if kind in (KIND_QUERY, KIND_MQ) else 'detected')
     img.save(path, format='JPEG', quality=quality)
 
 

@@ -10,7 +10,8 @@ import pytest
 from PIL import Image
 
 from aligned_reid.data import parse_im_name, read_partitions, validate_partitions
-from aligned_reid.synthetic import SUBDIRS, make_camera, make_identity, render_market_tree
+from aligned_reid.synthetic import (DETECTOR, SUBDIRS, box_iou, make_camera, make_identity,
+                                    render_image, render_market_tree, sample_box)
 from script_loader import load_script
 
 MARKET_RE = re.compile(r'^(-1|\d{4})_c(\d)s(\d)_(\d{6})_(\d{2})\.jpg$')
@@ -180,3 +181,83 @@ def test_synthetic_prepare_end_to_end(tmp_path, capsys):
     prep.main(argv + ['--overwrite', '--num_test_ids', '4'])
     part = read_partitions(str(path))
     assert len({parse_im_name(n)[0] for n in part['test_im_names']} - {0}) == 4
+
+
+def grid_iou(dx, dy, k, n=1200):
+    """Brute force: IoU of the unit box [0, 1]^2 with the box centred at (0.5 + dx, 0.5 + dy), sides
+    k, counted on an n x n grid of cell centres covering both boxes."""
+    lo = min(0., 0.5 + min(dx, dy) - k / 2.)
+    hi = max(1., 0.5 + max(dx, dy) + k / 2.)
+    c = lo + (np.arange(n) + 0.5) * (hi - lo) / n
+    x, y = c[None, :], c[:, None]
+    a = (x >= 0) & (x <= 1) & (y >= 0) & (y <= 1)
+    b = (np.abs(x - 0.5 - dx) <= k / 2.) & (np.abs(y - 0.5 - dy) <= k / 2.)
+    return (a & b).sum() / (a | b).sum()
+
+
+def test_box_iou_against_grid():
+    rng = np.random.default_rng(0)
+    cases = [(0., 0., 1.), (1. / 3., 0., 1.), (0., 0., 2. ** 0.5), (0.2, -0.1, 0.8), (1.5, 0., 1.),
+             (0., 0., 0.5), (-0.4, 0.4, 1.3)]
+    cases += [tuple(rng.uniform([-1, -1, 0.4], [1, 1, 2])) for _ in range(20)]
+    for dx, dy, k in cases:
+        assert abs(box_iou(dx, dy, k) - grid_iou(dx, dy, k)) < 0.01, (dx, dy, k)
+    # The bounds of DETECTOR's poor detections sit on Market's IoU = 0.5 line.
+    assert box_iou(DETECTOR['poor_span'], 0., 1.) == pytest.approx(0.5)
+    assert box_iou(0., 0., DETECTOR['poor_scale']) == pytest.approx(0.5)
+    assert box_iou(0., 0., 1.) == 1. and box_iou(2., 0., 1.) == 0.
+
+
+def test_sample_box_follows_market_iou_rule():
+    cams = [make_camera(0, c) for c in range(1, 7)]
+    rng = np.random.default_rng(1)
+    boxes = {kind: [sample_box(rng, cams[i % 6], kind) for i in range(600)]
+             for kind in ('hand', 'detected', 'junk', 'distractor')}
+    iou = {kind: np.array([box_iou(*b) for b in bs]) for kind, bs in boxes.items()}
+    assert (iou['detected'] > 0.5).all()
+    assert ((iou['junk'] >= 0.2) & (iou['junk'] <= 0.5)).all()
+    assert ((iou['distractor'] > 0) & (iou['distractor'] < 0.2)).all()
+    assert iou['hand'].min() > 0.75 and np.median(iou['hand']) > 0.93
+    dy_hand = np.abs([b[1] for b in boxes['hand']])
+    dy_det = np.abs([b[1] for b in boxes['detected']])
+    # Detections are misaligned and often start below the head or end above the feet (the hand
+    # box's margins are at most 6%), hand-drawn boxes are not.
+    assert np.median(dy_det) > 3 * np.median(dy_hand)
+    for kind, lo, hi in (('detected', 0.1, 0.5), ('hand', 0., 0.01)):
+        b = np.array(boxes[kind])
+        top, bottom = 0.5 + b[:, 1] - b[:, 2] / 2., 0.5 + b[:, 1] + b[:, 2] / 2.
+        assert lo <= np.mean(top > 0.06) <= hi and lo <= np.mean(bottom < 0.94) <= hi, kind
+    k_det = np.array([b[2] for b in boxes['detected']])
+    assert k_det.min() < 0.85 and k_det.max() > 1.15
+
+
+def _person_rows(img, background):
+    """Rows of img [h, w, 3] that differ from the background render in some pixel."""
+    diff = np.abs(np.asarray(img, np.int16) - np.asarray(background, np.int16)).max(axis=(1, 2))
+    return np.nonzero(diff > 40)[0]
+
+
+def test_render_image_places_the_person_by_its_box(monkeypatch):
+    """With photometric effects, flips and occluders fixed, the person spans the rows the box
+    predicts: a box moved down by a quarter of the person cuts off the head."""
+    import aligned_reid.synthetic as syn
+    monkeypatch.setitem(syn.DETECTOR, 'occlusion_prob', 0.)
+    cam = dict(make_camera(0, 1), blur_prob=0., noise=0.)
+    ident = make_identity(0, 3)
+    rows = {}
+    for name, box in (('hand', (0., 0., 1.)), ('down', (0., 0.25, 1.)), ('zoom_out', (0., 0., 1.3))):
+        monkeypatch.setattr(syn, 'sample_box', lambda rng, cam, kind, box=box: box)
+        monkeypatch.setattr(syn, '_draw_person', lambda *a, **k: None)
+        bg = render_image(ident, cam, np.random.default_rng(5), (128, 64))
+        monkeypatch.undo()
+        monkeypatch.setitem(syn.DETECTOR, 'occlusion_prob', 0.)
+        monkeypatch.setattr(syn, 'sample_box', lambda rng, cam, kind, box=box: box)
+        img = render_image(ident, cam, np.random.default_rng(5), (128, 64))
+        r = _person_rows(img, bg)
+        rows[name] = (r.min(), r.max())
+    # hand box: margins of 2-6% of 128 rows above the head and below the feet
+    assert 1 <= rows['hand'][0] <= 9 and 118 <= rows['hand'][1] <= 127
+    # moved down by 0.25 of the box: the body starts at the top row and ends ~32 rows higher
+    assert rows['down'][0] == 0 and 86 <= rows['down'][1] <= 96
+    # a box 1.3x larger: the person spans about 128 / 1.3 = 98 rows
+    assert 88 <= rows['zoom_out'][1] - rows['zoom_out'][0] <= 100
