@@ -24,7 +24,6 @@ from aligned_reid.prepare import prepare_market_layout
 from aligned_reid.synthetic import render_market_tree
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-os.environ.setdefault('TQDM_DISABLE', '1')  # train_one_epoch's per-step bars would drown the table
 
 
 def load_train_script():
@@ -115,6 +114,8 @@ def main(args):
     if device.type == 'cuda':
         torch.backends.cudnn.benchmark = True
     train = load_train_script()
+    bar = train.tqdm   # train_one_epoch's per-step bars would drown the table
+    train.tqdm = lambda *a, **k: bar(*a, **dict(k, disable=True))
     partitions_path = prepared_set(args)
     amps = [None] + ([torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16]
                      if device.type == 'cuda' else [])
