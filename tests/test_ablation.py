@@ -5,6 +5,7 @@ import statistics
 
 import pytest
 
+from aligned_reid.utils import flat_ints
 from script_loader import load_script
 
 ablation = load_script('bench', 'ablation')
@@ -28,8 +29,9 @@ def test_commands_parse_with_the_scripts_parsers(tmp_path, monkeypatch):
     cpu = parsers['train.py'].parse_args(ablation.run_command('cpu', 'global', 1, 'd', 'e', 1, 1, None, '')[2:])
     gpu = parsers['train.py'].parse_args(ablation.run_command('gpu', 'global', 1, 'd', 'e', 1, 1, None, '')[2:])
     # The local branch gets at least 4 stripes: 64 / 16 with last stride 1, 256 / 32 with stride 2.
-    assert cpu.resize_h_w[0] // (16 if cpu.last_stride == 1 else 32) == 4
-    assert (gpu.base_model, list(gpu.resize_h_w), gpu.resize_h_w[0] // 32) == ('resnet50', [256, 128], 8)
+    cpu_size, gpu_size = flat_ints(cpu.resize_h_w), flat_ints(gpu.resize_h_w)   # the parser keeps '(h,w)' groups
+    assert cpu_size[0] // (16 if cpu.last_stride == 1 else 32) == 4
+    assert (gpu.base_model, gpu_size, gpu_size[0] // 32) == ('resnet50', [256, 128], 8)
 
 
 def test_last_epoch_stats(tmp_path):
