@@ -242,8 +242,9 @@ def _global_block(x, y, normalize, metric):
         x, y = _normalize(x), _normalize(y)
     if metric == 'cosine':
         return 1. - x @ y.t()
-    d2 = (x * x).sum(1, keepdim=True) + (y * y).sum(1)[None] - 2. * (x @ y.t())
-    return d2.clamp_min_(0.).sqrt_()
+    d2 = (x @ y.t()).mul_(-2.)                              # one [B, N] buffer, updated in place:
+    d2.add_((x * x).sum(1, keepdim=True)).add_((y * y).sum(1)[None])   # fresh temporaries of a
+    return d2.clamp_min_(0.).sqrt_()                        # large block cost page faults
 
 
 def compute_dist(q_feats, g_feats, distance='global', normalize=False, metric='euclidean',
