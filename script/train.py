@@ -462,6 +462,23 @@ class EpochTimer:
         return seconds, {'data_wait': self.wait / max(seconds, 1e-9), 'first_batch_s': self.first or 0.}
 
 
+def optimizer_step(optimizer, scaler):
+    """optimizer.step(), through the GradScaler when float16 autocast uses one."""
+    if scaler is not None:
+        scaler.step(optimizer)
+        scaler.update()
+    else:
+        optimizer.step()
+
+
+def epoch_means(timer, stats):
+    """(the epoch's statistics averaged over its steps and the ranks, with its timing; its seconds)."""
+    seconds, timing = timer.stats()
+    means = utils.reduce_mean_scalars(stats.means())
+    means.update(timing)
+    return means, seconds
+
+
 def train_one_epoch(model, loader, optimizer, scaler, device, epoch, losses, amp_dtype=None, start_step=0,
                     stop=None, channels_last=False, logger=None, steps_per_log=0, compute=None):
     """One pass over the P x K loader from `start_step`. Returns (mean statistics, images seen on all ranks,
@@ -493,11 +510,7 @@ def train_one_epoch(model, loader, optimizer, scaler, device, epoch, losses, amp
             values, any_bad, stop_now = read_step(stats.add(result), stop, device)
             if any_bad:
                 raise NonFiniteLoss(non_finite_message(stats.terms, values, epoch, step, total))
-            if scaler is not None:
-                scaler.step(optimizer)
-                scaler.update()
-            else:
-                optimizer.step()
+            optimizer_step(optimizer, scaler)
             n_images += images.shape[0] * world
             bar.update()
             bar.set_postfix(loss='{:.4f}'.format(values[stats.terms.index('loss')]), refresh=False)
@@ -509,9 +522,7 @@ def train_one_epoch(model, loader, optimizer, scaler, device, epoch, losses, amp
                 break
     finally:
         bar.close()
-    seconds, timing = timer.stats()
-    means = utils.reduce_mean_scalars(stats.means())
-    means.update(timing)
+    means, seconds = epoch_means(timer, stats)
     return means, n_images, step, stopped, seconds
 
 

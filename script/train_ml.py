@@ -97,11 +97,7 @@ def train_one_epoch(models, loader, optimizers, scalers, device, epoch, losses, 
             if any_bad:
                 raise single.NonFiniteLoss(single.non_finite_message(stats.terms, values, epoch, step, total))
             for opt, scaler in zip(optimizers, scalers):
-                if scaler is not None:
-                    scaler.step(opt)
-                    scaler.update()
-                else:
-                    opt.step()
+                single.optimizer_step(opt, scaler)
             n_images += images.shape[0] * utils.get_world_size()
             bar.update()
             bar.set_postfix(loss1='{:.4f}'.format(values[stats.terms.index('m1_loss')]),
@@ -111,9 +107,7 @@ def train_one_epoch(models, loader, optimizers, scalers, device, epoch, losses, 
                 break
     finally:
         bar.close()
-    seconds, timing = timer.stats()
-    means = utils.reduce_mean_scalars(stats.means())
-    means.update(timing)
+    means, seconds = single.epoch_means(timer, stats)
     return means, n_images, step, stopped, seconds
 
 
