@@ -236,15 +236,17 @@ def _check_distance(distance, metric):
                          f"distance={distance!r}")
 
 
-def _global_block(x, y, normalize, metric):
-    """x [B, C], y [N, C] (tensors) -> [B, N]."""
+def _global_block(x, y, normalize, metric, out=None):
+    """x [B, C], y [N, C] (tensors) -> [B, N], written into `out` [B, N] when given (float32, on x's
+    device): a caller that reuses one buffer for every block allocates nothing of that size."""
     if normalize or metric == 'cosine':
         x, y = _normalize(x), _normalize(y)
+    d2 = torch.matmul(x, y.t(), out=out)
     if metric == 'cosine':
-        return 1. - x @ y.t()
-    d2 = (x @ y.t()).mul_(-2.)                              # one [B, N] buffer, updated in place:
-    d2.add_((x * x).sum(1, keepdim=True)).add_((y * y).sum(1)[None])   # fresh temporaries of a
-    return d2.clamp_min_(0.).sqrt_()                        # large block cost page faults
+        return d2.neg_().add_(1.)
+    # in place: fresh [B, N] temporaries for every block of a large matrix cost page faults
+    d2.mul_(-2.).add_((x * x).sum(1, keepdim=True)).add_((y * y).sum(1)[None])
+    return d2.clamp_min_(0.).sqrt_()
 
 
 def compute_dist(q_feats, g_feats, distance='global', normalize=False, metric='euclidean',
@@ -305,24 +307,29 @@ def pair_dist(x_feats, y_feats, distance='global', normalize=False, metric='eucl
     return out.float()
 
 
-def dist_block(x_feats, y_feats, distance='global', normalize=False, metric='euclidean'):
+def dist_block(x_feats, y_feats, distance='global', normalize=False, metric='euclidean', out=None):
     """One block of compute_dist kept as a tensor: x_feats [B, ...] x y_feats [N, ...] ->
     torch.float32 [B, N] on the features' device (the same definitions and formulas; no
-    autograd). For callers that reduce each block on the device, such as a top-k search."""
+    autograd). For callers that reduce each block on the device, such as a top-k search.
+    `out` (float32 [B, N], same device): the block is written there when the global
+    distance is part of it."""
     _check_distance(distance, metric)
-    out = None
     with torch.no_grad():
         if distance in ('global', 'global_local'):
             x = _as_tensor(_get(x_feats, 'global', distance))
             y = _as_tensor(_get(y_feats, 'global', distance)).to(x.device)
-            out = _global_block(x, y, normalize, metric).float()
+            if out is not None and x.dtype != torch.float32:
+                out = None
+            out = _global_block(x, y, normalize, metric, out=out).float()
+        else:
+            out = None
         if distance in ('local', 'global_local'):
             x = _as_tensor(_get(x_feats, 'local', distance))
             y = _as_tensor(_get(y_feats, 'local', distance)).to(x.device)
             if normalize:
                 x, y = _normalize(x), _normalize(y)
             loc = local_dist(x, y, aligned=True).float()
-            out = loc if out is None else out + loc
+            out = loc if out is None else out.add_(loc)
     return out
 
 

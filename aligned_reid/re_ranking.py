@@ -115,9 +115,10 @@ def re_ranking_features(q_feats, g_feats, distance='global', k1=20, k2=6, lambda
     kw = dict(distance=distance, normalize=normalize, metric=metric)
 
     def rows(s, e, out):
-        d = dist_block({k: v[s:e] for k, v in allf.items()}, allf, **kw)   # [e - s, N] on dev
         out = out[:e - s]
-        out.copy_(d)
+        d = dist_block({k: v[s:e] for k, v in allf.items()}, allf, out=out, **kw)   # [e - s, N] on dev
+        if d.data_ptr() != out.data_ptr():   # the local distance has its own buffers
+            out.copy_(d)
         return out.mul_(out)
 
     per_pair = sum(v[0].numel() for v in allf.values())
