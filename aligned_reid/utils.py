@@ -102,6 +102,39 @@ OLD_DEVICE_HELP = ('choose the GPUs with CUDA_VISIBLE_DEVICES=0,1 and --device c
 OLD_RUN_HELP = 'keep repeated runs apart with --exp_dir DIR (one folder per run). Default: none'
 
 
+def add_model_arguments(parser, normalize_feature=True):
+    """The flags that describe a saved model, for the scripts that load one (test.py, extract.py): each
+    defaults to None, meaning what the checkpoint says. `normalize_feature`: add that flag too."""
+    g = parser.add_argument_group('model (read from the checkpoint; give them only for a bare state_dict)')
+    g.add_argument('--base_model', choices=('resnet18', 'resnet34', 'resnet50', 'resnet101'), default=None,
+                   help='backbone. Default: from the checkpoint, else resnet50')
+    g.add_argument('--last_stride', type=int, choices=(1, 2), default=None,
+                   help='last stride. Default: from the checkpoint, else 2')
+    g.add_argument('--local_conv_out_channels', type=int, default=None,
+                   help='local feature channels. Default: from the checkpoint, else 128')
+    g.add_argument('--resize_h_w', type=ints, nargs='+', default=None, metavar='SIZE',
+                   help="input size: two integers, or the older reproduction's tuple '(256,128)'. Default: from "
+                        'the checkpoint, else 256 128')
+    if normalize_feature:
+        g.add_argument('--normalize_feature', type=boolean, default=None,
+                       help='L2-normalise features before distances. Default: from the checkpoint, else false')
+    return g
+
+
+def check_model_arguments(parser, args):
+    """Checks the flags of add_model_arguments, stopping with parser.error naming the flag; leaves
+    --resize_h_w flattened to [H, W]."""
+    if args.resize_h_w is not None:
+        args.resize_h_w = flat_ints(args.resize_h_w)
+        if len(args.resize_h_w) != 2:
+            parser.error("--resize_h_w takes a height and a width (256 128, or '(256,128)'), got "
+                         '{}'.format(' '.join(map(str, args.resize_h_w))))
+        if min(args.resize_h_w) < 16:
+            parser.error('--resize_h_w must be at least 16 16, got {} {}'.format(*args.resize_h_w))
+    if args.local_conv_out_channels is not None and args.local_conv_out_channels < 1:
+        parser.error('--local_conv_out_channels must be at least 1, got {}'.format(args.local_conv_out_channels))
+
+
 class OldFlag(argparse.Action):
     """A flag of the older reproduction with no counterpart here: using it stops the parse with one
     line naming what to use instead (the action's help). Nothing is stored, so it never reaches args.json."""

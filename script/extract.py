@@ -13,6 +13,7 @@ from torch.utils.data import DataLoader
 from tqdm import tqdm
 
 from aligned_reid import utils
+from aligned_reid.checkpoint import MODEL_FLAGS
 from aligned_reid.inference import FEATURES_FORMAT as FORMAT, FeatureExtractor, ImageFiles, list_images
 from aligned_reid.utils import boolean
 
@@ -55,19 +56,12 @@ def build_parser():
     p.add_argument('--model_index', type=int, default=1,
                    help='which model of a train_ml.py checkpoint (1 or 2). Default: 1')
     p.add_argument('--progress', type=boolean, default=True, help='show a progress bar. Default: true')
-    g = p.add_argument_group('model settings (read from the checkpoint; give them only for a bare state_dict)')
-    g.add_argument('--base_model', choices=('resnet18', 'resnet34', 'resnet50', 'resnet101'), default=None,
-                   help='backbone. Default: from the checkpoint, else resnet50')
-    g.add_argument('--last_stride', type=int, choices=(1, 2), default=None,
-                   help='last stride. Default: from the checkpoint, else 2')
-    g.add_argument('--local_conv_out_channels', type=int, default=None,
-                   help='local feature channels. Default: from the checkpoint, else 128')
-    g.add_argument('--resize_h_w', type=int, nargs=2, default=None, metavar=('H', 'W'),
-                   help='input size. Default: from the checkpoint, else 256 128')
+    utils.add_model_arguments(p, normalize_feature=False)
     return p
 
 
 def check_args(parser, args):
+    utils.check_model_arguments(parser, args)
     if args.device is None:
         args.device = 'cuda' if torch.cuda.is_available() else 'cpu'
     if args.device.startswith('cuda') and not torch.cuda.is_available():
@@ -211,8 +205,7 @@ def extract(extractor, paths, f, local, batch_size, workers, chunk_size, max_ima
 
 def main(args):
     logger = utils.setup_logging(None, name='aligned_reid.extract')
-    overrides = {k: getattr(args, k) for k in ('base_model', 'last_stride', 'local_conv_out_channels',
-                                                 'resize_h_w')}
+    overrides = {k: getattr(args, k, None) for k in MODEL_FLAGS}
     extractor = FeatureExtractor(args.model, device=args.device, batch_size=args.batch_size, flip=args.flip,
                                  amp=args.amp, overrides=overrides, model_index=args.model_index)
     paths = list_images(args.images, args.partitions, args.split)

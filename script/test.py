@@ -8,7 +8,7 @@ import numpy as np
 import torch
 
 from aligned_reid import checkpoint, data, utils
-from aligned_reid.utils import boolean, ints, OldFlag
+from aligned_reid.utils import boolean, OldFlag
 
 DISTANCES = {'global': ('global',), 'local': ('local',), 'global_local': ('global_local',),
              'all': ('global', 'local', 'global_local')}
@@ -61,18 +61,7 @@ def build_parser():
                    help='draw the ranked lists of this many queries and the CMC curve. Default: 0 (none)')
     p.add_argument('--vis_dir', default=None,
                    help='folder of the pictures. Default: <exp_dir>/ranks_<test_dataset>')
-    g = p.add_argument_group('model (read from the checkpoint; give them only for a bare state_dict)')
-    g.add_argument('--base_model', choices=('resnet18', 'resnet34', 'resnet50', 'resnet101'), default=None,
-                   help='backbone. Default: from the checkpoint, else resnet50')
-    g.add_argument('--last_stride', type=int, choices=(1, 2), default=None,
-                   help='last stride. Default: from the checkpoint, else 2')
-    g.add_argument('--local_conv_out_channels', type=int, default=None,
-                   help='local feature channels. Default: from the checkpoint, else 128')
-    g.add_argument('--resize_h_w', type=ints, nargs='+', default=None, metavar='SIZE',
-                   help="input size: two integers, or the older reproduction's tuple '(256,128)'. Default: from "
-                        'the checkpoint, else 256 128')
-    g.add_argument('--normalize_feature', type=boolean, default=None,
-                   help='L2-normalise features before distances. Default: from the checkpoint, else false')
+    utils.add_model_arguments(p)
     old = p.add_argument_group("the older reproduction's flags with no counterpart here (each stops with a "
                                'line naming what to use instead)')
     old.add_argument('-d', '--sys_device_ids', action=OldFlag, nargs='?', help=utils.OLD_DEVICE_HELP)
@@ -107,11 +96,7 @@ def saved_run_args(exp_dir=None, weight_file=None):
 def check_args(parser, args):
     """Resolves default paths and stops with a message naming the flag on anything unusable. Without
     --train_dataset the run's saved arguments name the training set (and, tested on it, its partitions)."""
-    if args.resize_h_w is not None:
-        args.resize_h_w = utils.flat_ints(args.resize_h_w)
-        if len(args.resize_h_w) != 2:
-            parser.error("--resize_h_w takes a height and a width (256 128, or '(256,128)'), got "
-                         '{}'.format(' '.join(map(str, args.resize_h_w))))
+    utils.check_model_arguments(parser, args)
     if args.model_index < 1:
         parser.error('--model_index must be at least 1 (models are counted from 1), got {}'.format(args.model_index))
     saved = {}
@@ -156,10 +141,6 @@ def check_args(parser, args):
     for flag, low in (('test_batch_size', 1), ('workers', 0), ('num_vis_queries', 0)):
         if getattr(args, flag) < low:
             parser.error('--{} must be at least {}, got {}'.format(flag, low, getattr(args, flag)))
-    if args.local_conv_out_channels is not None and args.local_conv_out_channels < 1:
-        parser.error('--local_conv_out_channels must be at least 1, got {}'.format(args.local_conv_out_channels))
-    if args.resize_h_w is not None and min(args.resize_h_w) < 16:
-        parser.error('--resize_h_w must be at least 16 16, got {} {}'.format(*args.resize_h_w))
     for flag, folder in (('--exp_dir', args.exp_dir), ('--vis_dir', args.vis_dir)):
         problem = folder and utils.writable_folder_problem(folder)
         if problem:
