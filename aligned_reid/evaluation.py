@@ -8,6 +8,7 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
+from . import data
 # compute_dist / pair_dist live in aligned_reid.distance; they stay importable from here.
 from .distance import DISTANCES, METRICS, compute_dist, pair_dist  # noqa: F401
 
@@ -370,6 +371,48 @@ def evaluate(feats, distances=('global',), re_rank=False, ap_mode='standard', mu
                                                        max_rank=max_rank, ap_mode=ap_mode)
     return results
 
+
+
+def test_split(model, partitions, im_dir, split, device, resize_h_w, mean, std, batch_size=64, workers=4,
+               distances=('global',), re_rank=False, ap_mode='standard', normalize=False, multi_query='none',
+               flip=False, amp=False):
+    """Extracts the features of a split ('test' or 'val') of a partitions dict (aligned_reid.data) with
+    `model` (images from `im_dir`, resized to resize_h_w and normalised by mean / std) and evaluates them
+    (`evaluate`). Returns (features dict of extract_features, results dict of evaluate)."""
+    device = torch.device(device)
+    transform = data.build_transform(tuple(resize_h_w), train=False, mean=mean, std=std)
+    names, marks = test_images(partitions, split, multi_query)  # no unused mark-2 images
+    loader = data.make_test_loader(im_dir, names, marks, transform, batch_size=batch_size, workers=workers,
+                                   pin_memory=device.type == 'cuda')
+    feats = extract_features(model, loader, device, flip=flip, amp=amp and device.type == 'cuda')
+    results = evaluate(feats, distances=distances, re_rank=re_rank, ap_mode=ap_mode,
+                       multi_query=None if multi_query in (None, 'none') else multi_query, normalize=normalize,
+                       device=device)
+    return feats, results
+
+
+def metrics_summary(results):
+    """Plain-float summary of aligned_reid.evaluation.evaluate results for metrics.json:
+    name -> rank1, rank5, rank10, mAP, cmc (to rank 50), and mINP / query counts when present."""
+    out = {}
+    for name, r in results.items():
+        cmc = np.asarray(r['cmc'], dtype=float)
+        row = {'rank1': float(cmc[0]), 'rank5': float(cmc[min(4, len(cmc) - 1)]),
+               'rank10': float(cmc[min(9, len(cmc) - 1)]), 'mAP': float(r['mAP']), 'cmc': cmc[:50].tolist()}
+        for k in ('mINP', 'num_valid_queries', 'num_skipped'):
+            if k in r:
+                row[k] = float(r[k])
+        out[name] = row
+    return out
+
+
+def metrics_record(results, train_dataset, test_dataset, test_partitions, ap_mode, **settings):
+    """The metrics.json record of a test: what was tested on what, `settings` (any further plain values),
+    and metrics_summary(results) under 'results'."""
+    record = {'train_dataset': train_dataset, 'test_dataset': test_dataset, 'test_partitions': test_partitions,
+              'ap_mode': ap_mode, 'results': metrics_summary(results)}
+    record.update(settings)
+    return record
 
 def format_table(results):
     """Markdown table in the form of the original README: one row per distance with Rank-1,

@@ -153,3 +153,21 @@ def mutual_losses(outputs, partner_outputs, labels, prob_weight=0., global_dist_
         total = total + weight * terms[f"{kind}_dist_mutual_loss"]
     terms["loss"] = total
     return terms
+
+
+def mutual_learning_losses(outputs, labels, losses, mutual, compute=compute_losses):
+    """The losses of two models trained together (AlignedReID section 3.3) on one batch. Model i minimises
+    its own AlignedReID terms, compute(outputs[i], labels, **losses), plus its mutual losses against the
+    other model (mutual_losses(outputs[i], outputs[1 - i], labels, **mutual), the partner detached).
+    Returns one dict per model: the own and mutual terms, 'own_loss', 'mutual_loss' and 'loss' (their sum)."""
+    if len(outputs) != 2:
+        raise ValueError("mutual_learning_losses: two models' outputs expected, got {}".format(len(outputs)))
+    results = []
+    for i, out in enumerate(outputs):
+        own = compute(out, labels, **losses)
+        ml = mutual_losses(out, outputs[1 - i], labels, normalize_feature=losses.get("normalize_feature", False),
+                           **mutual)
+        terms = dict(own, **{k: v for k, v in ml.items() if k != "loss"})
+        terms["own_loss"], terms["mutual_loss"], terms["loss"] = own["loss"], ml["loss"], own["loss"] + ml["loss"]
+        results.append(terms)
+    return results

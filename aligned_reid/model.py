@@ -3,13 +3,14 @@ an aligned local branch (horizontal stripes -> 1x1 conv -> BN -> ReLU) and an op
 classifier."""
 import logging
 import os
+import re
 from collections import OrderedDict
 
 import torch
 import torch.nn as nn
 import torchvision
 
-from aligned_reid.safe_load import backbone_state
+from aligned_reid.safe_load import load_file
 
 logger = logging.getLogger(__name__)
 
@@ -26,23 +27,48 @@ def _imagenet_weights(base):
     return getattr(torchvision.models, BACKBONES[base][1]).IMAGENET1K_V1
 
 
+def imagenet_state(base):
+    """torchvision's ImageNet (IMAGENET1K_V1) weights of `base` as a state dict. They are read from the torch
+    hub cache ($TORCH_HOME/hub/checkpoints/, where torchvision keeps them) by the safe reader of
+    aligned_reid.safe_load, so a crafted file there runs no code; a missing file is first downloaded there
+    (its SHA-256 prefix checked). RuntimeError saying how to work offline when it cannot be downloaded;
+    aligned_reid.safe_load.CheckpointError (a ValueError naming the file) when the cached file is unreadable
+    or refused."""
+    weights = _imagenet_weights(base)
+    file_name = os.path.basename(weights.url)
+    cache = os.path.join(torch.hub.get_dir(), "checkpoints")
+    path = os.path.join(cache, file_name)
+    if not os.path.isfile(path):
+        hash_prefix = re.search(r"-([a-f0-9]+)\.", file_name)
+        try:
+            os.makedirs(cache, exist_ok=True)
+            torch.hub.download_url_to_file(weights.url, path, hash_prefix.group(1) if hash_prefix else None,
+                                           progress=True)
+        except Exception as e:  # offline, proxy, hash mismatch, read-only cache ...
+            raise RuntimeError(
+                f"Could not download torchvision's {base} ImageNet weights "
+                f"(IMAGENET1K_V1, {weights.url}): {e}. Download {file_name} on a machine "
+                f"with a network and pass it with --pretrained_path FILE (library: "
+                f"aligned_reid.checkpoint.load_backbone(model, FILE)), or put it in {cache}.") from e
+    return load_file(path)
+
+
 class Model(nn.Module):
     """AlignedReID model (Zhang et al., arXiv 1711.08184, section 3).
 
     base: resnet18 | resnet34 | resnet50 | resnet101 (torchvision, without avgpool and fc).
     last_stride: 2 (torchvision's) or 1 (doubles the last map: 16 x 8 for a 256 x 128 input).
     local_conv_out_channels: stripe feature size. num_classes: adds a linear ID classifier on
-    the global feature. pretrained: load torchvision's ImageNet weights (IMAGENET1K_V1, needs
-    them in the torch hub cache or a network); pretrained_path: load them from a local file
-    instead (a torchvision ResNet state dict with or without fc.*, or a checkpoint dict holding
-    one under 'state_dict' / 'model').
+    the global feature. pretrained: load torchvision's ImageNet weights (IMAGENET1K_V1, from the
+    torch hub cache, read safely, or a network: imagenet_state). Backbone weights from any other
+    file: aligned_reid.checkpoint.load_backbone(model, path).
 
     forward(x [N, 3, H, W]) -> {'global': [N, C], 'local': [N, h, local_conv_out_channels],
     'logits': [N, num_classes] (with a classifier)}, C = self.global_dim (512 for
     resnet18/34, 2048 for resnet50/101), h = H / 32 (H / 16 with last stride 1)."""
 
     def __init__(self, base="resnet50", last_stride=2, local_conv_out_channels=128,
-                 num_classes=None, pretrained=False, pretrained_path=None):
+                 num_classes=None, pretrained=False):
         super().__init__()
         if base not in BACKBONES:
             raise ValueError(f"Model: unknown base {base!r}; choose one of {sorted(BACKBONES)}")
@@ -68,33 +94,12 @@ class Model(nn.Module):
             self.classifier = nn.Linear(self.global_dim, num_classes)
             nn.init.normal_(self.classifier.weight, std=0.001)
             nn.init.constant_(self.classifier.bias, 0.)
-        if pretrained_path:
-            self.load_backbone(pretrained_path)
-        elif pretrained:
-            weights = _imagenet_weights(base)
-            try:
-                state = weights.get_state_dict(progress=True)
-            except Exception as e:  # offline, proxy, corrupt cache ...
-                file_name = os.path.basename(weights.url)
-                cache = os.path.join(torch.hub.get_dir(), "checkpoints")
-                raise RuntimeError(
-                    f"Could not download torchvision's {base} ImageNet weights "
-                    f"(IMAGENET1K_V1, {weights.url}): {e}. Download {file_name} on a machine "
-                    f"with a network and pass it with --pretrained_path FILE (library: "
-                    f"Model(..., pretrained_path=FILE)), or put it in {cache}.") from e
-            self._load_base_state(state, weights.url)
+        if pretrained:
+            self.load_backbone_state(imagenet_state(base), _imagenet_weights(base).url)
 
-    def load_backbone(self, path):
-        """Load backbone weights from a local file, read safely by aligned_reid.checkpoint (see the
-        class docstring for the formats). Every backbone key must be present and every key of the
-        file used (ImageNet 'fc.*', and the local branch / classifier of a whole model, excepted);
-        otherwise a ValueError names the keys."""
-        if not os.path.isfile(path):
-            raise FileNotFoundError(f"pretrained weights file not found: {path}")
-        state, layout = backbone_state(path)
-        return self._load_base_state(state, f"{path} ({layout})")
-
-    def _load_base_state(self, state, source):
+    def load_backbone_state(self, state, source):
+        """Loads backbone weights (torchvision ResNet key names; 'fc.*' ignored) from `state`. Every backbone
+        key must be present and every key used; otherwise a ValueError names `source` and the keys."""
         # The ImageNet classifier has no counterpart here; dropping it is expected, not news.
         state = OrderedDict((k, v) for k, v in state.items() if not k.startswith("fc."))
         own = self.base.state_dict()

@@ -1,13 +1,10 @@
 """The safe reader of torch files: a restricted unpickler that runs no code from the file (torch's zip
-and legacy formats, Python 2 pickles included), and the recognition of the model layouts those files
-hold (this project's and the older reproduction's). It imports nothing from the package, so that the
-model, the utilities and aligned_reid.checkpoint (which builds Models from files) can all use it."""
-import argparse
+and legacy formats, Python 2 pickles included). What the files hold is recognised by
+aligned_reid.checkpoint."""
 import os
 import pickle
 import types
 import zipfile
-from collections import OrderedDict
 
 import torch
 
@@ -143,128 +140,3 @@ def load_file(path):
             path, 'zip archive' if kind == 'zip' else 'legacy torch file', msg.splitlines()[0])) from None
     except (ValueError, TypeError, AttributeError, KeyError, IndexError, OverflowError) as e:
         raise CheckpointError('{}: damaged torch file ({}: {})'.format(path, type(e).__name__, e)) from None
-
-
-# ----------------------------------------------------------------------------- layouts
-
-def _is_state_dict(obj):
-    return isinstance(obj, dict) and bool(obj) and all(
-        isinstance(k, str) and torch.is_tensor(v) for k, v in obj.items())
-
-
-def _is_optimizer_state(obj):
-    return isinstance(obj, dict) and 'state' in obj and 'param_groups' in obj
-
-
-def describe(obj):
-    """A short description of an unrecognised object, for messages."""
-    if isinstance(obj, dict):
-        keys = [repr(k) for k in list(obj)[:8]]
-        return 'a dict with keys {}{}'.format(', '.join(keys), ' ...' if len(obj) > 8 else '')
-    if isinstance(obj, (list, tuple)):
-        return 'a {} of {} items'.format(type(obj).__name__, len(obj))
-    return 'a {}'.format(type(obj).__name__)
-
-
-def _saved_args(args):
-    """Saved arguments as a dict: ours are a dict; other code bases pickle an argparse.Namespace."""
-    if isinstance(args, argparse.Namespace):
-        return dict(vars(args))
-    return dict(args) if isinstance(args, dict) else {}
-
-
-def _pick(models, model_index, path, what):
-    if not 1 <= model_index <= len(models):
-        raise CheckpointError('{}: {} holds {} model(s); --model_index {} is out of range (1..{})'.format(
-            path, what, len(models), model_index, len(models)))
-    return models[model_index - 1]
-
-
-def recognise(obj, path, model_index=1):
-    """(model state dict as in the file, saved train.py arguments or {}, layout description, epoch or
-    None, whether it comes from the older reproduction) for every layout read here:
-    train.py / train_ml.py checkpoints ('model', 'models'), the older reproduction's ckpt.pth
-    (state_dicts=[model(s)..., optimizer(s)...], ep, scores), a dict holding 'state_dict', or a plain
-    state dict. model_index (1-based) picks a model of a mutual-learning checkpoint."""
-    if isinstance(obj, dict) and _is_state_dict(obj.get('model')):
-        args = _saved_args(obj.get('args'))
-        epoch = obj.get('epoch')
-        if isinstance(obj.get('models'), list) and obj['models']:
-            n = len(obj['models'])
-            sd = _pick(obj['models'], model_index, path, 'this train_ml.py checkpoint')
-            layout = 'train_ml.py checkpoint, model {} of {} (epoch {})'.format(model_index, n, epoch)
-        else:
-            sd = _pick([obj['model']], model_index, path, 'this train.py checkpoint')
-            layout = 'train.py checkpoint (epoch {})'.format(epoch)
-        return sd, args, layout, epoch, False
-    if isinstance(obj, dict) and isinstance(obj.get('state_dicts'), (list, tuple)):
-        sds = list(obj['state_dicts'])
-        models = [sd for sd in sds if _is_state_dict(sd)]
-        optims = [sd for sd in sds if _is_optimizer_state(sd)]
-        in_order = all(_is_state_dict(sd) for sd in sds[:len(models)])  # models first, then optimizers
-        if not models or len(models) + len(optims) != len(sds) or not in_order:
-            raise CheckpointError('{}: a dict with state_dicts, but its {} entries are not model state dicts '
-                                  'followed by optimizer states'.format(path, len(sds)))
-        epoch = obj.get('ep')
-        kind = ('mutual learning, {} models + {} optimizers'.format(len(models), len(optims))
-                if len(models) > 1 else 'model + optimizer' if optims else 'model')
-        sd = _pick(models, model_index, path, "the older reproduction's ckpt.pth")
-        layout = "the older reproduction's ckpt.pth ({}; model {}; epoch {})".format(kind, model_index, epoch)
-        return sd, {}, layout, epoch, True
-    if model_index != 1:
-        raise CheckpointError('{}: holds one model; --model_index {} is out of range (1..1)'.format(
-            path, model_index))
-    if isinstance(obj, dict) and _is_state_dict(obj.get('state_dict')):
-        return obj['state_dict'], _saved_args(obj.get('args')), "checkpoint dict holding 'state_dict'", None, False
-    if _is_state_dict(obj):
-        return obj, {}, 'plain state dict', None, False
-    raise CheckpointError("{}: not a model checkpoint: {} (expected a state dict of tensors, a train.py "
-                          "checkpoint holding 'model', or the older reproduction's dict holding "
-                          "'state_dicts')".format(path, describe(obj)))
-
-
-def convert_state(sd):
-    """Our Model's key names from any layout: 'module.' prefixes (DataParallel / DDP) stripped, the
-    older reproduction's 'fc.*' classifier renamed 'classifier.*', and its local_conv bias folded into
-    local_bn: in eval mode BN(conv(x) + b) = gamma (conv(x) + b - mean) / sqrt(var + eps) + beta, which is
-    BN(conv(x)) with running mean (mean - b); in training mode the batch mean absorbs b, so the bias never
-    mattered there. Returns (state dict, list of the conversions made)."""
-    out, notes = OrderedDict(), []
-    for k, v in sd.items():
-        while k.startswith('module.'):
-            k = k[len('module.'):]
-            if "'module.' prefixes stripped" not in notes:
-                notes.append("'module.' prefixes stripped")
-        if k.startswith('fc.'):
-            k = 'classifier.' + k[len('fc.'):]
-            if "'fc.*' classifier read as 'classifier.*'" not in notes:
-                notes.append("'fc.*' classifier read as 'classifier.*'")
-        if k in out:
-            raise CheckpointError('key {!r} appears twice once prefixes are stripped'.format(k))
-        out[k] = v
-    bias = out.get('local_conv.bias')
-    if bias is not None and 'local_bn.running_mean' in out:
-        mean = out['local_bn.running_mean']
-        if bias.shape == mean.shape:
-            out['local_bn.running_mean'] = (mean.double() - bias.double()).to(mean.dtype)
-            del out['local_conv.bias']
-            notes.append('local_conv.bias folded into local_bn.running_mean')
-    return out, notes
-
-
-def _keys(keys, n=6):
-    keys = sorted(keys)
-    return ', '.join(keys[:n]) + (' ... ({} in all)'.format(len(keys)) if len(keys) > n else '')
-
-
-def backbone_state(path):
-    """The ResNet backbone weights (torchvision key names, no 'fc.*') of any file: a torchvision ResNet
-    state dict, or any whole-model layout read_checkpoint recognises (its 'base.*' keys)."""
-    sd, _, layout, _, _ = recognise(load_file(path), path)
-    state, _ = convert_state(sd)
-    if any(k.startswith('base.') for k in state):
-        other = [k for k in state if not k.startswith(('base.', 'local_', 'classifier.'))]
-        if other:
-            raise CheckpointError('{} ({}): keys outside the model: {}'.format(path, layout, _keys(other)))
-        return OrderedDict((k[len('base.'):], v) for k, v in state.items() if k.startswith('base.')), layout
-    return OrderedDict((k, v) for k, v in state.items() if not k.startswith('classifier.')), layout

@@ -20,7 +20,7 @@ import torch
 from aligned_reid import data, evaluation
 from aligned_reid.model import Model
 from aligned_reid.re_ranking import re_ranking, re_ranking_features
-from aligned_reid.utils import boolean
+from aligned_reid.cli import boolean
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 REPO = os.path.dirname(HERE)

@@ -1,5 +1,5 @@
 """Benchmark: the real training loop (a prepared partitions file, the real input pipelines, Model,
-compute_losses, Adam, script/train.py's train_one_epoch) against the bare backbone forward + backward +
+compute_losses, Adam, aligned_reid.engine.train_one_epoch) against the bare backbone forward + backward +
 Adam step on a fixed batch, in the same process; fp32 and, on CUDA, --amp (bf16 autocast, channels-last).
 Prints images/s of each, their ratio, the share of the step time spent waiting for data and the
 first-batch latency of an epoch.
@@ -11,26 +11,19 @@ GPU (the paper's setting):
         --ids_per_batch 32 --ims_per_id 4 --workers 12 --render_size 256 128
 """
 import argparse
-import importlib.util
 import os
 import time
 
 import torch
 
-from aligned_reid import data
+from aligned_reid import data, engine
 from aligned_reid.augment import Augment
+from aligned_reid.loss import compute_losses
 from aligned_reid.model import Model
 from aligned_reid.prepare import prepare_market_layout
 from aligned_reid.synthetic import render_market_tree
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-
-
-def load_train_script():
-    spec = importlib.util.spec_from_file_location('train_script', os.path.join(REPO, 'script', 'train.py'))
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
 
 
 def prepared_set(args):
@@ -76,7 +69,7 @@ def bare_images_per_s(args, device, amp_dtype, steps):
     return steps * batch / (time.perf_counter() - t0)
 
 
-def loop_figures(train, args, device, amp_dtype, pipeline, partitions_path):
+def loop_figures(args, device, amp_dtype, pipeline, partitions_path):
     """images/s over epochs 2.. of the real loop, the data-wait share and the first-batch latency."""
     parts = data.read_partitions(partitions_path)
     names, ids2labels = parts['trainval_im_names'], parts['trainval_ids2labels']
@@ -98,8 +91,9 @@ def loop_figures(train, args, device, amp_dtype, pipeline, partitions_path):
     images = seconds = 0.
     waits, firsts = [], []
     for epoch in range(1, args.epochs + 1):
-        stats, n, _, _, secs = train.train_one_epoch(model, loader, opt, None, device, epoch, losses,
-                                                     amp_dtype=amp_dtype, channels_last=amp_dtype is not None)
+        stats, n, _, _, secs = engine.train_one_epoch(
+            [model], loader, [opt], [None], device, epoch, lambda outputs, labels: [compute_losses(outputs[0], labels, **losses)],
+            amp_dtype=amp_dtype, channels_last=amp_dtype is not None, progress=False)
         if epoch > 1:   # the first epoch warms up workers, allocator and cuDNN
             images, seconds = images + n, seconds + secs
             waits.append(stats['data_wait'])
@@ -113,9 +107,6 @@ def main(args):
         torch.set_num_threads(args.threads)
     if device.type == 'cuda':
         torch.backends.cudnn.benchmark = True
-    train = load_train_script()
-    bar = train.tqdm   # train_one_epoch's per-step bars would drown the table
-    train.tqdm = lambda *a, **k: bar(*a, **dict(k, disable=True))
     partitions_path = prepared_set(args)
     amps = [None] + ([torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16]
                      if device.type == 'cuda' else [])
@@ -128,7 +119,7 @@ def main(args):
     for amp_dtype in amps:
         bare = bare_images_per_s(args, device, amp_dtype, args.bare_steps)
         for pipeline in args.pipelines:
-            rate, wait, first, set_up, steps = loop_figures(train, args, device, amp_dtype, pipeline,
+            rate, wait, first, set_up, steps = loop_figures(args, device, amp_dtype, pipeline,
                                                             partitions_path)
             print('{:6s} {:8s} {:12.0f} {:12.0f} {:6.2f} {:9.1f}% {:10.3f} s {:8.1f} s'.format(
                 'bf16' if amp_dtype == torch.bfloat16 else 'fp16' if amp_dtype else 'fp32', pipeline, bare, rate,

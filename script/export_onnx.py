@@ -6,7 +6,7 @@ import os
 import numpy as np
 import torch
 
-from aligned_reid import utils
+from aligned_reid import cli
 from aligned_reid.inference import FeatureExtractor
 
 
@@ -80,7 +80,7 @@ def max_difference(model, path, images):
 
 
 def main(args):
-    logger = utils.setup_logging(None, name='aligned_reid.export')
+    logger = cli.setup_logging(None, name='aligned_reid.export')
     try:
         import onnx  # noqa: F401
         import onnxruntime  # noqa: F401
@@ -103,7 +103,4 @@ def main(args):
 
 
 if __name__ == '__main__':
-    try:
-        main(parse_args())
-    except (ValueError, FileNotFoundError) as e:
-        raise SystemExit('export_onnx.py: {}'.format(e))
+    cli.run_cli(main, parse_args, 'export_onnx.py', errors=(ValueError, FileNotFoundError))

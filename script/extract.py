@@ -12,10 +12,10 @@ import torch
 from torch.utils.data import DataLoader
 from tqdm import tqdm
 
-from aligned_reid import utils
+from aligned_reid import cli
 from aligned_reid.checkpoint import MODEL_FLAGS
 from aligned_reid.inference import FEATURES_FORMAT as FORMAT, FeatureExtractor, ImageFiles, list_images
-from aligned_reid.utils import boolean
+from aligned_reid.cli import boolean
 
 SPLITS = ('trainval', 'train', 'val', 'test')
 
@@ -45,7 +45,7 @@ def build_parser():
                    help='average the features of each image and its mirror. Default: false')
     p.add_argument('--amp', type=boolean, nargs='?', const=True, default=False,
                    help='mixed precision on CUDA (ignored on the CPU). Default: false')
-    p.add_argument('--device', default=None, help="'cpu', 'cuda' or 'cuda:N'. Default: cuda when available, else cpu")
+    cli.add_device_argument(p)
     p.add_argument('--batch_size', type=int, default=64, help='images per forward pass. Default: 64')
     p.add_argument('--workers', type=int, default=4, help='image decoding worker processes. Default: 4')
     p.add_argument('--chunk_size', type=int, default=1024,
@@ -56,16 +56,13 @@ def build_parser():
     p.add_argument('--model_index', type=int, default=1,
                    help='which model of a train_ml.py checkpoint (1 or 2). Default: 1')
     p.add_argument('--progress', type=boolean, default=True, help='show a progress bar. Default: true')
-    utils.add_model_arguments(p, normalize_feature=False)
+    cli.add_model_arguments(p, normalize_feature=False)
     return p
 
 
 def check_args(parser, args):
-    utils.check_model_arguments(parser, args)
-    if args.device is None:
-        args.device = 'cuda' if torch.cuda.is_available() else 'cpu'
-    if args.device.startswith('cuda') and not torch.cuda.is_available():
-        parser.error('--device {}: CUDA is not available on this machine'.format(args.device))
+    cli.check_model_arguments(parser, args)
+    cli.check_device(parser, args)
     if args.batch_size < 1 or args.chunk_size < 1 or args.workers < 0:
         parser.error('--batch_size and --chunk_size must be >= 1, --workers >= 0')
     if args.max_images is not None and args.max_images < 0:
@@ -204,7 +201,7 @@ def extract(extractor, paths, f, local, batch_size, workers, chunk_size, max_ima
 
 
 def main(args):
-    logger = utils.setup_logging(None, name='aligned_reid.extract')
+    logger = cli.setup_logging(None, name='aligned_reid.extract')
     overrides = {k: getattr(args, k, None) for k in MODEL_FLAGS}
     extractor = FeatureExtractor(args.model, device=args.device, batch_size=args.batch_size, flip=args.flip,
                                  amp=args.amp, overrides=overrides, model_index=args.model_index)
@@ -243,10 +240,5 @@ def main(args):
 
 
 if __name__ == '__main__':
-    try:
-        main(parse_args())
-    except (ValueError, FileNotFoundError) as e:
-        raise SystemExit('extract.py: {}'.format(e))
-    except KeyboardInterrupt:
-        raise SystemExit('extract.py: interrupted; the chunks written so far are kept: rerun the same command to '
-                         'continue')
+    cli.run_cli(main, parse_args, 'extract.py', errors=(ValueError, FileNotFoundError),
+                interrupted='interrupted; the chunks written so far are kept: rerun the same command to continue')

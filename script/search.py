@@ -11,8 +11,8 @@ import numpy as np
 import torch
 
 from aligned_reid import distance as dist_lib
-from aligned_reid import inference, utils
-from aligned_reid.utils import boolean
+from aligned_reid import cli, inference
+from aligned_reid.cli import boolean
 
 MAX_RERANK_GALLERY = 30000    # re-ranking holds dense gallery x gallery matrices (3.6 GB at this size)
 
@@ -59,7 +59,7 @@ def build_parser():
                    help='average the features of each image and its mirror (images only). Default: false')
     p.add_argument('--amp', type=boolean, nargs='?', const=True, default=False,
                    help='mixed precision on CUDA. Default: false')
-    p.add_argument('--device', default=None, help="'cpu', 'cuda' or 'cuda:N'. Default: cuda when available, else cpu")
+    cli.add_device_argument(p)
     p.add_argument('--batch_size', type=int, default=64, help='images per forward pass. Default: 64')
     p.add_argument('--workers', type=int, default=4, help='image decoding worker processes. Default: 4')
     return p
@@ -85,10 +85,7 @@ def check_args(parser, args):
         parser.error('--num_vis_queries and --workers must be >= 0')
     if args.faiss_index is not None and args.re_rank:
         parser.error('--re_rank needs the exact distances to the whole gallery; drop --faiss_index')
-    if args.device is None:
-        args.device = 'cuda' if torch.cuda.is_available() else 'cpu'
-    if args.device.startswith('cuda') and not torch.cuda.is_available():
-        parser.error('--device {}: CUDA is not available on this machine'.format(args.device))
+    cli.check_device(parser, args)
     return args
 
 
@@ -205,7 +202,7 @@ def draw(q_paths, g_paths, index, dist, n, vis_dir, size):
 
 
 def main(args):
-    logger = utils.setup_logging(None, name='aligned_reid.search')
+    logger = cli.setup_logging(None, name='aligned_reid.search')
     local = args.distance != 'global'
     extractor = None
     if args.model is not None and not (_is_features(args.query) and _is_features(args.gallery)):
@@ -243,7 +240,4 @@ def main(args):
 
 
 if __name__ == '__main__':
-    try:
-        main(parse_args())
-    except (ValueError, FileNotFoundError) as e:
-        raise SystemExit('search.py: {}'.format(e))
+    cli.run_cli(main, parse_args, 'search.py', errors=(ValueError, FileNotFoundError))

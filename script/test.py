@@ -1,14 +1,13 @@
 """Tests a model trained by train.py on a prepared dataset (the same one or another: cross-dataset),
 with global / local / global+local distances and optional re-ranking; prints the table, writes metrics."""
 import argparse
-import json
 import os
 
 import numpy as np
 import torch
 
-from aligned_reid import checkpoint, data, utils
-from aligned_reid.utils import boolean, OldFlag
+from aligned_reid import checkpoint, cli, data, evaluation
+from aligned_reid.cli import OldFlag, boolean
 
 DISTANCES = {'global': ('global',), 'local': ('local',), 'global_local': ('global_local',),
              'all': ('global', 'local', 'global_local')}
@@ -54,56 +53,45 @@ def build_parser():
     p.add_argument('--test_batch_size', '--batch_size', dest='test_batch_size', type=int, default=64,
                    help='batch size of feature extraction. Default: 64')
     p.add_argument('--workers', type=int, default=4, help='data loader worker processes. Default: 4')
-    p.add_argument('--device', default=None, help="'cpu', 'cuda' or 'cuda:N'. Default: cuda when available, else cpu")
+    cli.add_device_argument(p)
     p.add_argument('--amp', type=boolean, nargs='?', const=True, default=False,
                    help='mixed-precision feature extraction on CUDA. Default: false')
     p.add_argument('--num_vis_queries', type=int, default=0,
                    help='draw the ranked lists of this many queries and the CMC curve. Default: 0 (none)')
     p.add_argument('--vis_dir', default=None,
                    help='folder of the pictures. Default: <exp_dir>/ranks_<test_dataset>')
-    utils.add_model_arguments(p)
+    cli.add_model_arguments(p)
     old = p.add_argument_group("the older reproduction's flags with no counterpart here (each stops with a "
                                'line naming what to use instead)')
-    old.add_argument('-d', '--sys_device_ids', action=OldFlag, nargs='?', help=utils.OLD_DEVICE_HELP)
-    old.add_argument('-r', '--run', action=OldFlag, nargs='?', help=utils.OLD_RUN_HELP)
-    utils.accept_negative_numbers(p)
+    old.add_argument('-d', '--sys_device_ids', action=OldFlag, nargs='?', help=cli.OLD_DEVICE_HELP)
+    old.add_argument('-r', '--run', action=OldFlag, nargs='?', help=cli.OLD_RUN_HELP)
+    cli.accept_negative_numbers(p)
     return p
 
 
-def saved_run_args(exp_dir=None, weight_file=None):
-    """The arguments train.py saved for a run: <folder>/args.json of the experiment folder (or of the
-    weight file's folder), else the 'args' inside the checkpoint. {} when there are none."""
-    folders = [d for d in (exp_dir, os.path.dirname(os.path.abspath(weight_file)) if weight_file else None) if d]
-    for folder in folders:
-        try:
-            with open(os.path.join(folder, 'args.json')) as f:
-                saved = json.load(f)
-            if isinstance(saved, dict):
-                return saved
-        except (OSError, ValueError):
-            pass
-    path = weight_file or (os.path.join(exp_dir, 'ckpt.pth') if exp_dir else None)
-    if path and os.path.isfile(path):
-        try:
-            state = utils.load_checkpoint(path, map_location='cpu')
-        except Exception:  # an unreadable file is reported where the model is loaded
-            return {}
-        if isinstance(state, dict) and isinstance(state.get('args'), dict):
-            return dict(state['args'])
-    return {}
+def read_model_file(path, model_index):
+    """The checkpoint to test, read and recognised once (aligned_reid.checkpoint.read_checkpoint), or None
+    when it cannot be read: main then reports why as it loads the model."""
+    try:
+        return checkpoint.read_checkpoint(path, model_index)
+    except (ValueError, OSError):
+        return None
 
 
 def check_args(parser, args):
     """Resolves default paths and stops with a message naming the flag on anything unusable. Without
     --train_dataset the run's saved arguments name the training set (and, tested on it, its partitions)."""
-    utils.check_model_arguments(parser, args)
+    cli.check_model_arguments(parser, args)
     if args.model_index < 1:
         parser.error('--model_index must be at least 1 (models are counted from 1), got {}'.format(args.model_index))
-    saved = {}
+    saved, args.start = {}, None
     if args.train_dataset is None:
-        if args.exp_dir is not None or args.model_weight_file is not None:
-            saved = saved_run_args(os.path.abspath(os.path.expanduser(args.exp_dir)) if args.exp_dir else None,
-                                   args.model_weight_file)
+        # the run's saved arguments (inside its checkpoint) name the training set
+        path = args.model_weight_file or (checkpoint.path_in(os.path.abspath(os.path.expanduser(args.exp_dir)))
+                                          if args.exp_dir else None)
+        if path and os.path.isfile(path):
+            args.start = read_model_file(path, args.model_index)
+            saved = args.start['args'] if args.start else {}
         args.train_dataset = saved.get('train_dataset') or 'market1501'
     if args.test_dataset is None:
         args.test_dataset = args.train_dataset
@@ -111,17 +99,17 @@ def check_args(parser, args):
         if args.test_partitions is None and saved_parts and os.path.isfile(saved_parts):
             args.test_partitions = saved_parts
     if args.test_partitions is None:
-        if args.test_dataset not in utils.DATASET_DIRS:
+        if args.test_dataset not in cli.DATASET_DIRS:
             parser.error('--test_dataset {!r} is unknown: choose one of {} or give --test_partitons'.format(
-                args.test_dataset, ', '.join(utils.DATASET_DIRS)))
-        args.test_partitions = utils.default_partitions_path(args.test_dataset)
+                args.test_dataset, ', '.join(cli.DATASET_DIRS)))
+        args.test_partitions = cli.default_partitions_path(args.test_dataset)
     args.test_partitions = os.path.expanduser(args.test_partitions)
     exp_dir_given = args.exp_dir is not None
     if args.exp_dir is None:
-        args.exp_dir = utils.default_exp_dir(args.train_dataset)
+        args.exp_dir = cli.default_exp_dir(args.train_dataset)
     args.exp_dir = os.path.abspath(os.path.expanduser(args.exp_dir))
     if args.model_weight_file is None:
-        args.model_weight_file = os.path.join(args.exp_dir, 'ckpt.pth')
+        args.model_weight_file = checkpoint.path_in(args.exp_dir)
         if not os.path.isfile(args.model_weight_file):
             if exp_dir_given:
                 parser.error('--exp_dir {}: no trained model there ({} not found; give the folder train.py '
@@ -132,19 +120,16 @@ def check_args(parser, args):
         parser.error('--model_weight_file: file not found: {}'.format(args.model_weight_file))
     if not os.path.isfile(args.test_partitions):
         parser.error('--test_partitons: partitions file not found: {}'.format(args.test_partitions))
-    if args.device is None:
-        args.device = 'cuda' if torch.cuda.is_available() else 'cpu'
-    if args.device.startswith('cuda') and not torch.cuda.is_available():
-        parser.error('--device {}: CUDA is not available on this machine'.format(args.device))
-    if not (args.device == 'cpu' or args.device.startswith('cuda')):
-        parser.error("--device must be 'cpu', 'cuda' or 'cuda:N', got {!r}".format(args.device))
+    cli.check_device(parser, args)
     for flag, low in (('test_batch_size', 1), ('workers', 0), ('num_vis_queries', 0)):
         if getattr(args, flag) < low:
             parser.error('--{} must be at least {}, got {}'.format(flag, low, getattr(args, flag)))
     for flag, folder in (('--exp_dir', args.exp_dir), ('--vis_dir', args.vis_dir)):
-        problem = folder and utils.writable_folder_problem(folder)
+        problem = folder and cli.writable_folder_problem(folder)
         if problem:
             parser.error('{}: {} (results are written there)'.format(flag, problem))
+    if args.start is None:
+        args.start = read_model_file(args.model_weight_file, args.model_index)
     return args
 
 
@@ -153,32 +138,28 @@ def parse_args(argv=None):
     return check_args(parser, parser.parse_args(argv))
 
 
-def load_model(path, args, device):
-    """The Model of `path` (any layout aligned_reid.checkpoint reads) with the settings it was trained with;
-    command-line model flags win. Returns (model in eval mode on `device`, settings dict with mean / std)."""
-    return checkpoint.load_model(path, device=device, overrides={k: getattr(args, k) for k in MODEL_FLAGS},
-                                 model_index=args.model_index)
+def load_model(args, device):
+    """The Model of --model_weight_file (any layout aligned_reid.checkpoint reads; read already by the flag
+    checks when readable) with the settings it was trained with; command-line model flags win. Returns
+    (model in eval mode on `device`, settings dict with mean / std)."""
+    return checkpoint.load_model(args.model_weight_file, device=device, model_index=args.model_index,
+                                 overrides={k: getattr(args, k) for k in MODEL_FLAGS}, ckpt=args.start)
 
 
 def evaluate(model, partitions, im_dir, cfg, args, device):
     """Extracts test-split features and evaluates them. Returns (features, results, table)."""
-    from aligned_reid import evaluation
-    transform = data.build_transform(tuple(cfg['resize_h_w']), train=False, mean=cfg['mean'], std=cfg['std'])
-    names, marks = evaluation.test_images(partitions, 'test', args.multi_query)  # no unused mark-2 images
-    loader = data.make_test_loader(im_dir, names, marks, transform, batch_size=args.test_batch_size, workers=args.workers,
-                                   pin_memory=device.type == 'cuda')
-    feats = evaluation.extract_features(model, loader, device, flip=args.flip, amp=args.amp and device.type == 'cuda')
-    results = evaluation.evaluate(feats, distances=DISTANCES[args.test_distance], re_rank=args.to_re_rank,
-                                  ap_mode=args.ap_mode,
-                                  multi_query=None if args.multi_query == 'none' else args.multi_query,
-                                  normalize=cfg['normalize_feature'], device=device)
+    feats, results = evaluation.test_split(
+        model, partitions, im_dir, 'test', device, cfg['resize_h_w'], cfg['mean'], cfg['std'],
+        batch_size=args.test_batch_size, workers=args.workers, distances=DISTANCES[args.test_distance],
+        re_rank=args.to_re_rank, ap_mode=args.ap_mode, normalize=cfg['normalize_feature'],
+        multi_query=args.multi_query, flip=args.flip, amp=args.amp)
     return feats, results, evaluation.format_table(results)
 
 
 def draw(feats, results, partitions, im_dir, args, cfg):
     """Ranked lists of the first --num_vis_queries queries (distance of --test_distance, before re-ranking)
     and the CMC curves of every result, through aligned_reid.visualize. Returns the folder."""
-    from aligned_reid import evaluation, visualize
+    from aligned_reid import visualize
     vis_dir = args.vis_dir or os.path.join(args.exp_dir, 'ranks_{}'.format(args.test_dataset))
     os.makedirs(vis_dir, exist_ok=True)
     marks = np.asarray(feats['marks'])
@@ -206,8 +187,9 @@ def main(args):
         raise SystemExit('test.py: --multi_query {}: {} holds no multi-query images (mark 2, the gt_bbox/ '
                          'images of Market-1501); use --multi_query none'.format(args.multi_query,
                                                                                 args.test_partitions))
-    model, cfg = load_model(args.model_weight_file, args, device)  # read and recognised before anything is written
-    logger = utils.setup_logging(os.path.join(args.exp_dir, 'test.log'))
+    model, cfg = load_model(args, device)  # read and recognised before anything is written
+    args.start = None
+    logger = cli.setup_logging(os.path.join(args.exp_dir, 'test.log'))
     if not cfg['size_from_checkpoint']:
         logger.warning('warning: %s holds no input size (a bare state dict?): testing at %d x %d; give '
                        '--resize_h_w H W if the model was trained at another size', args.model_weight_file,
@@ -223,11 +205,10 @@ def main(args):
                 h, w, ', flip' if args.flip else '', table)
     name = 'metrics.json' if args.test_dataset == args.train_dataset else 'metrics_{}.json'.format(args.test_dataset)
     out = os.path.join(args.exp_dir, name)
-    utils.write_json({'train_dataset': args.train_dataset, 'test_dataset': args.test_dataset,
-                'test_partitions': args.test_partitions, 'model_weight_file': args.model_weight_file,
-                'test_distance': args.test_distance, 'ap_mode': args.ap_mode, 'multi_query': args.multi_query,
-                'base_model': cfg['base_model'], 'resize_h_w': [int(h), int(w)], 'flip': bool(args.flip),
-                'results': utils.metrics_summary(results)}, out)
+    checkpoint.write_json(evaluation.metrics_record(
+        results, args.train_dataset, args.test_dataset, args.test_partitions, args.ap_mode,
+        model_weight_file=args.model_weight_file, test_distance=args.test_distance, multi_query=args.multi_query,
+        base_model=cfg['base_model'], resize_h_w=[int(h), int(w)], flip=bool(args.flip)), out)
     logger.info('metrics written to %s', out)
     if args.num_vis_queries:
         try:
@@ -238,12 +219,4 @@ def main(args):
 
 
 if __name__ == '__main__':
-    try:
-        main(parse_args())
-    except data.UnreadableImageError as e:  # also from a loader worker, whose traceback it carries
-        raise SystemExit('test.py: {}'.format(data.unreadable_image_line(e)))
-    except PermissionError as e:
-        raise SystemExit('test.py: cannot write {}: {}'.format(e.filename, e.strerror) if e.filename
-                         else 'test.py: {}'.format(e))
-    except (ValueError, FileNotFoundError) as e:
-        raise SystemExit('test.py: {}'.format(e))
+    cli.run_cli(main, parse_args, 'test.py', errors=(ValueError, FileNotFoundError))

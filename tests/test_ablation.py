@@ -5,7 +5,7 @@ import statistics
 
 import pytest
 
-from aligned_reid.utils import flat_ints
+from aligned_reid.cli import flat_ints
 from script_loader import load_script
 
 ablation = load_script('bench', 'ablation')

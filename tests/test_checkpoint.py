@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 import torch
 
-from aligned_reid import checkpoint, data, utils
+from aligned_reid import checkpoint, data, engine
 from aligned_reid.checkpoint import CheckpointError, load_file
 from old_files import (Global, LegacyWriter, Reduce, old_partitions_pickle, py2_dumps, write_py2_torch_file)
 
@@ -40,12 +40,12 @@ def train_checkpoint():
     opt = torch.optim.Adam(net.parameters(), lr=1e-3)
     net(torch.randn(2, 3, 8, 8)).sum().backward()
     opt.step()
-    utils.set_seed(3)
+    engine.set_seed(3)
     return {'model': net.state_dict(), 'optimizer': opt.state_dict(), 'scaler': None, 'epoch': 4,
             'step_in_epoch': 0, 'best_metric': {'rank1': 0.5, 'split': 'val'},
             'args': {'base_model': 'resnet18', 'resize_h_w': [64, 32], 'staircase_decay_at_epochs': [101, 201],
                      'pretrained_path': None, 'amp': False},
-            'rng': [utils.get_rng_state()], 'world_size': 1}
+            'rng': [checkpoint.get_rng_state()], 'world_size': 1}
 
 
 @pytest.mark.parametrize('zip_format', [True, False])
@@ -55,11 +55,11 @@ def test_our_checkpoints_round_trip(tmp_path, zip_format):
     torch.save(obj, path, _use_new_zipfile_serialization=zip_format)
     loaded = load_file(path)
     assert same(obj, loaded)
-    assert same(utils.load_checkpoint(str(path)), obj)
+    assert same(checkpoint.load_file(str(path)), obj)
     # the RNG states are usable: restoring them replays the same numbers
-    utils.set_rng_state(loaded['rng'][0])
+    checkpoint.set_rng_state(loaded['rng'][0])
     a = (random.random(), np.random.rand(), torch.rand(2))
-    utils.set_rng_state(obj['rng'][0])
+    checkpoint.set_rng_state(obj['rng'][0])
     assert same(a, (random.random(), np.random.rand(), torch.rand(2)))
 
 
@@ -148,7 +148,7 @@ def test_crafted_files_never_run_code(tmp_path):
         # and the same files through every entry point
         for path in files.values():
             with pytest.raises(ValueError):
-                utils.load_checkpoint(str(path))
+                checkpoint.load_file(str(path))
             with pytest.raises(ValueError):
                 checkpoint.load_model(path)
         assert not marker.exists()

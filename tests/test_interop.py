@@ -157,7 +157,7 @@ def test_old_files_as_pretrained_backbone(tmp_path):
     old = randomized_old_model()
     path = tmp_path / 'ckpt.pth'
     write_py2_torch_file(path, {'state_dicts': [old_state_dict(old), adam_state(old)], 'ep': 5, 'scores': 0})
-    model = Model('resnet18', pretrained_path=str(path))
+    model = checkpoint.load_backbone(Model('resnet18'), str(path))
     for k, v in old.base.state_dict().items():
         if not k.endswith('num_batches_tracked'):
             assert torch.equal(model.base.state_dict()[k], v), k
@@ -192,7 +192,7 @@ def test_test_script_on_published_weights(market, tmp_path):
     # The features test.py evaluated are the old model's on the old preprocessing (mean 0.486 ...).
     parts = data.read_partitions(market['partitions'])
     im_dir = data.partitions_images_dir(market['partitions'])
-    model, cfg = test_script.load_model(args.model_weight_file, args, torch.device('cpu'))
+    model, cfg = test_script.load_model(args, torch.device('cpu'))
     feats, again, _ = test_script.evaluate(model, parts, im_dir, cfg, args, torch.device('cpu'))
     assert again['global']['mAP'] == results['global']['mAP']
 

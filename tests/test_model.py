@@ -6,6 +6,7 @@ import pytest
 import torch
 import torchvision
 
+from aligned_reid.checkpoint import load_backbone
 from aligned_reid.model import Model
 
 
@@ -74,7 +75,7 @@ def test_pretrained_file_loads_exactly(tmp_path, wrap, caplog):
     path = tmp_path / "resnet18.pth"
     torch.save(state, path)
     with caplog.at_level(logging.WARNING):
-        model = Model("resnet18", last_stride=1, pretrained_path=str(path))
+        model = load_backbone(Model("resnet18", last_stride=1), str(path))
     loaded = model.base.state_dict()
     expected = {k: v for k, v in reference.items() if not k.startswith("fc.")}
     assert set(loaded) == set(expected)
@@ -91,33 +92,80 @@ def test_pretrained_file_with_missing_or_unexpected_keys_is_refused(tmp_path):
     path = tmp_path / "partial.pth"
     torch.save(state, path)
     with pytest.raises(ValueError, match="partial.pth") as err:
-        Model("resnet18", pretrained_path=str(path))
+        load_backbone(Model("resnet18"), str(path))
     assert "missing: layer4.1.bn2.weight" in str(err.value)
     assert "unexpected: extra.weight" in str(err.value)
     with pytest.raises(ValueError, match="does not fit the resnet50 backbone"):
-        Model("resnet50", pretrained_path=str(path))
+        load_backbone(Model("resnet50"), str(path))
 
 
 def test_pretrained_errors(tmp_path, monkeypatch):
     with pytest.raises(FileNotFoundError, match="nowhere.pth"):
-        Model("resnet18", pretrained_path=str(tmp_path / "nowhere.pth"))
+        load_backbone(Model("resnet18"), str(tmp_path / "nowhere.pth"))
     wrong = tmp_path / "wrong.pth"
     torch.save({"foo.weight": torch.zeros(2)}, wrong)
     with pytest.raises(ValueError, match="does not fit the resnet18 backbone"):
-        Model("resnet18", pretrained_path=str(wrong))
+        load_backbone(Model("resnet18"), str(wrong))
     with pytest.raises(ValueError, match="resnet152"):
         Model("resnet152")
     with pytest.raises(ValueError, match="last_stride"):
         Model("resnet18", last_stride=3)
 
-    # Offline: the weights API fails; the error must say how to pass a local file.
-    def offline(self, *args, **kwargs):
+    # Offline: the download fails; the error must say how to pass a local file.
+    def offline(*args, **kwargs):
         raise OSError("network unreachable")
 
-    monkeypatch.setattr(torchvision.models.WeightsEnum, "get_state_dict", offline)
+    monkeypatch.setenv("TORCH_HOME", str(tmp_path / "torch_home"))
+    monkeypatch.setattr(torch.hub, "download_url_to_file", offline)
     with pytest.raises(RuntimeError, match="--pretrained_path") as err:
         Model("resnet50", pretrained=True)
     assert "resnet50-0676ba61.pth" in str(err.value)
+
+
+class _Payload:
+    """Unpickling this runs os.system: what a crafted weights file does."""
+
+    def __init__(self, marker):
+        self.marker = marker
+
+    def __reduce__(self):
+        import os
+        return os.system, ("touch " + self.marker,)
+
+
+def test_imagenet_weights_in_the_hub_cache_are_read_safely(tmp_path, monkeypatch):
+    # torchvision's own reader unpickles the cached file with a full unpickler; ours refuses the payload.
+    from aligned_reid.safe_load import CheckpointError
+    monkeypatch.setenv("TORCH_HOME", str(tmp_path))
+    cache = tmp_path / "hub" / "checkpoints"
+    cache.mkdir(parents=True)
+    marker = tmp_path / "payload_ran"
+    torch.save({"conv1.weight": torch.zeros(1), "evil": _Payload(str(marker))}, cache / "resnet18-f37072fd.pth")
+    monkeypatch.setattr(torch.hub, "download_url_to_file", lambda *a, **k: pytest.fail("cached file not used"))
+    with pytest.raises(CheckpointError, match="resnet18-f37072fd.pth"):
+        Model("resnet18", pretrained=True)
+    assert not marker.exists()
+
+
+def test_imagenet_weights_from_the_hub_cache_load_exactly(tmp_path, monkeypatch):
+    monkeypatch.setenv("TORCH_HOME", str(tmp_path))
+    cache = tmp_path / "hub" / "checkpoints"
+    cache.mkdir(parents=True)
+    reference = randomized_resnet18().state_dict()
+    torch.save(reference, cache / "resnet18-f37072fd.pth")
+    model = Model("resnet18", pretrained=True)
+    for k, v in model.base.state_dict().items():
+        assert torch.equal(v, reference[k]), k
+
+    # a missing file is downloaded into the cache (here: a copy standing in for the network), then read safely
+    def fake_download(url, dst, hash_prefix=None, progress=True):
+        assert url.endswith("/resnet18-f37072fd.pth") and hash_prefix == "f37072fd"
+        torch.save(reference, dst)
+
+    monkeypatch.setenv("TORCH_HOME", str(tmp_path / "empty"))
+    monkeypatch.setattr(torch.hub, "download_url_to_file", fake_download)
+    model = Model("resnet18", pretrained=True)
+    assert torch.equal(model.base.state_dict()["layer2.0.conv1.weight"], reference["layer2.0.conv1.weight"])
 
 
 def test_pretrained_from_training_checkpoint_with_extras(tmp_path):
@@ -127,7 +175,7 @@ def test_pretrained_from_training_checkpoint_with_extras(tmp_path):
     model_state["local_conv.weight"] = torch.zeros(128, 512, 1, 1)
     path = tmp_path / "ckpt.pth"
     torch.save({"model": model_state, "args": argparse.Namespace(lr=1.), "epoch": 2}, path)
-    model = Model("resnet18", pretrained_path=str(path))
+    model = load_backbone(Model("resnet18"), str(path))
     assert torch.equal(model.base.state_dict()["layer3.0.conv1.weight"],
                        reference["layer3.0.conv1.weight"])
     assert not torch.equal(model.local_conv.weight, torch.zeros(128, 512, 1, 1))

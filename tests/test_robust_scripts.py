@@ -14,7 +14,7 @@ import sys
 import pytest
 import torch
 
-from aligned_reid import data, utils
+from aligned_reid import checkpoint, cli, data
 from aligned_reid.data import read_partitions, write_partitions
 from script_loader import load_script
 from test_scripts import REPO, TINY, _parse_error, _train, world  # noqa: F401  (world is a fixture)
@@ -47,30 +47,30 @@ class _FullDisk(io.RawIOBase):
 
 
 def _disk_full_after(monkeypatch, room):
-    """utils' open() of checkpoint temporaries gets a disk with `room` bytes left."""
+    """aligned_reid.checkpoint's open() of checkpoint temporaries gets a disk with `room` bytes left."""
     def fake_open(path, mode='r', *a, **kw):
         if '.tmp.' in str(path) and 'b' in mode:
             return _FullDisk(path, room)
         return open(path, mode, *a, **kw)
-    monkeypatch.setattr(utils, 'open', fake_open, raising=False)
+    monkeypatch.setattr(checkpoint, 'open', fake_open, raising=False)
 
 
 # ----------------------------------------------------------------------------- library level
 
 def test_full_disk_names_the_path_and_keeps_the_previous_checkpoint(tmp_path, monkeypatch):
     path = tmp_path / 'ckpt.pth'
-    utils.save_checkpoint({'epoch': 1, 'w': torch.arange(5.)}, str(path))
+    checkpoint.save_checkpoint({'epoch': 1, 'w': torch.arange(5.)}, str(path))
     _disk_full_after(monkeypatch, 100)
-    with pytest.raises(utils.CheckpointWriteError) as e:
-        utils.save_checkpoint({'epoch': 2, 'w': torch.zeros(10000)}, str(path))
+    with pytest.raises(checkpoint.CheckpointWriteError) as e:
+        checkpoint.save_checkpoint({'epoch': 2, 'w': torch.zeros(10000)}, str(path))
     assert e.value.strerror == 'cannot write checkpoint {}: No space left on device; the previous checkpoint {} ' \
                                'is intact'.format(path, path)
     assert e.value.errno == errno.ENOSPC
     state = torch.load(str(path), weights_only=False)
     assert state['epoch'] == 1 and torch.equal(state['w'], torch.arange(5.))
     assert os.listdir(tmp_path) == ['ckpt.pth']  # the temporary is gone
-    with pytest.raises(utils.CheckpointWriteError, match='no earlier checkpoint existed'):
-        utils.save_checkpoint({'epoch': 1}, str(tmp_path / 'new' / 'ckpt.pth'))
+    with pytest.raises(checkpoint.CheckpointWriteError, match='no earlier checkpoint existed'):
+        checkpoint.save_checkpoint({'epoch': 1}, str(tmp_path / 'new' / 'ckpt.pth'))
 
 
 def test_stale_temporaries_are_removed_only_when_their_process_is_gone(tmp_path):
@@ -82,9 +82,9 @@ def test_stale_temporaries_are_removed_only_when_their_process_is_gone(tmp_path)
     live.write_bytes(b'y')
     other = tmp_path / 'notes.tmp.txt'
     other.write_bytes(b'z')
-    assert utils.remove_stale_temp_files(str(tmp_path)) == [(str(stale), 1000)]
+    assert checkpoint.remove_stale_temp_files(str(tmp_path)) == [(str(stale), 1000)]
     assert sorted(os.listdir(tmp_path)) == sorted([live.name, other.name])
-    assert utils.remove_stale_temp_files(str(tmp_path / 'missing')) == []
+    assert checkpoint.remove_stale_temp_files(str(tmp_path / 'missing')) == []
 
 
 @pytest.mark.parametrize('mask', [0o022, 0o002])
@@ -92,8 +92,8 @@ def test_files_get_the_umask_mode(tmp_path, mask, world):
     old = os.umask(mask)
     try:
         write_partitions(read_partitions(world['market']), str(tmp_path / 'partitions.pkl'))
-        utils.save_checkpoint({'a': 1}, str(tmp_path / 'ckpt.pth'))
-        utils.write_json({'a': 1}, str(tmp_path / 'metrics.json'))
+        checkpoint.save_checkpoint({'a': 1}, str(tmp_path / 'ckpt.pth'))
+        checkpoint.write_json({'a': 1}, str(tmp_path / 'metrics.json'))
     finally:
         os.umask(old)
     for name in ('partitions.pkl', 'ckpt.pth', 'metrics.json'):
@@ -115,7 +115,7 @@ def test_unreadable_image_is_named(tmp_path):
 
 
 def test_other_ranks_log_errors_only(capsys):
-    logger = utils.setup_logging(None, name='robust_rank1', main_process=False)
+    logger = cli.setup_logging(None, name='robust_rank1', main_process=False)
     logger.info('info line')
     logger.warning('warning line')
     logger.error('error line')
@@ -207,17 +207,17 @@ def test_resume_of_a_finished_run_says_so_and_changes_nothing(world, tmp_path, c
 def test_full_disk_during_training_stops_with_one_line_in_the_log(world, tmp_path, monkeypatch):
     exp = tmp_path / 'full'
     saves = []
-    real_save = utils.save_checkpoint
+    real_save = checkpoint.save_checkpoint
 
     def save(state, path):
         saves.append(state['epoch'])
         if len(saves) == 2:  # the disk fills up before the checkpoint of epoch 2
             _disk_full_after(monkeypatch, 1000)
         return real_save(state, path)
-    monkeypatch.setattr(utils, 'save_checkpoint', save)
+    monkeypatch.setattr(checkpoint, 'save_checkpoint', save)
     argv = ['--train_partitons', world['market'], '--exp_dir', str(exp), '--total_epochs', '3'] + COMMON
     with pytest.raises(SystemExit) as e:
-        train_script.run_cli(train_script.main, lambda: train_script.parse_args(argv))
+        cli.run_cli(train_script.main, lambda: train_script.parse_args(argv), 'train.py', log_to_file=True)
     ckpt = exp / 'ckpt.pth'
     line = 'cannot write checkpoint {}: No space left on device; the previous checkpoint {} is intact'.format(ckpt, ckpt)
     assert e.value.code == 'train.py: ' + line

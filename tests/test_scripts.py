@@ -15,6 +15,7 @@ import torchvision
 
 from aligned_reid.prepare import prepare_market_layout
 from aligned_reid.synthetic import render_market_tree
+from aligned_reid.loss import compute_losses
 from script_loader import load_script
 
 REPO = Path(__file__).resolve().parents[1]
@@ -198,7 +199,7 @@ def _train(argv, compute=None):
     seen = []
 
     def recording(outputs, labels, **kw):
-        result = (compute or train_script.compute_losses)(outputs, labels, **kw)
+        result = (compute or compute_losses)(outputs, labels, **kw)
         seen.append(float(result['loss'].detach()))
         return result
     args = train_script.parse_args(argv)
@@ -237,7 +238,7 @@ def test_resume_is_exact(world, tmp_path, pipeline):
         calls.append(1)
         if len(calls) == 3:
             os.kill(os.getpid(), signal.SIGTERM)
-        return train_script.compute_losses(outputs, labels, **kw)
+        return compute_losses(outputs, labels, **kw)
     with pytest.raises(SystemExit) as stopped:
         _train(common + ['--exp_dir', str(tmp_path / 'c'), '--total_epochs', '2'] + workers(2), compute=signalling)
     assert stopped.value.code == 128 + signal.SIGTERM
@@ -285,7 +286,7 @@ def test_non_finite_loss_stops_and_keeps_checkpoint(world, tmp_path):
     calls = []
 
     def poisoned(outputs, labels, **kw):
-        result = train_script.compute_losses(outputs, labels, **kw)
+        result = compute_losses(outputs, labels, **kw)
         calls.append(1)
         if len(calls) == 4:  # epoch 2, step 2
             result['global_loss'] = result['global_loss'] * float('nan')
@@ -301,24 +302,24 @@ def test_non_finite_loss_stops_and_keeps_checkpoint(world, tmp_path):
 
 
 def test_deterministic_run_on_the_cpu(world, tmp_path):
-    from aligned_reid import utils
+    from aligned_reid import engine
     seen = []
 
     def recording(outputs, labels, **kw):
         seen.append(torch.are_deterministic_algorithms_enabled())
-        return train_script.compute_losses(outputs, labels, **kw)
+        return compute_losses(outputs, labels, **kw)
     try:
         _train(['--train_partitons', world['market'], '--exp_dir', str(tmp_path / 'det'), '--total_epochs', '1',
                 '--deterministic', 'true', '--final_test', 'false'] + TINY, compute=recording)
     finally:
-        utils.configure_determinism(False)
+        engine.configure_determinism(False)
     assert seen == [True, True]
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason='needs CUDA')
 @pytest.mark.parametrize('pipeline', ['workers', 'memory'])
 def test_resume_is_exact_on_cuda_with_deterministic(world, tmp_path, pipeline):
-    from aligned_reid import utils
+    from aligned_reid import engine
     common = ['--train_partitons', world['market'], '--to_re_rank', 'false', '-llw', '1', '--crop_prob', '0.5',
               '--crop_ratio', '0.8', '--random_erasing', '0.5', '--train_pipeline', pipeline,
               '--deterministic', 'true'] + TINY + ['--device', 'cuda', '--workers', '2']
@@ -328,7 +329,7 @@ def test_resume_is_exact_on_cuda_with_deterministic(world, tmp_path, pipeline):
         rest = _train(common + ['--exp_dir', str(tmp_path / 'b'), '--total_epochs', '2', '--resume', 'true',
                                 '--workers', '1'])
     finally:
-        utils.configure_determinism(False)
+        engine.configure_determinism(False)
     assert first + rest == straight
     a, b = _weights(tmp_path / 'a' / 'ckpt.pth'), _weights(tmp_path / 'b' / 'ckpt.pth')
     assert all(torch.equal(a[k], b[k]) for k in a)
@@ -411,7 +412,7 @@ def test_test_script_bad_input(world, tmp_path, capsys):
     args = test_script.parse_args(['--model_weight_file', str(weights), '--test_partitons', world['market'],
                                    '--exp_dir', none, '--base_model', 'resnet18'])
     with pytest.raises(ValueError, match='keys describe no supported backbone'):
-        test_script.load_model(args.model_weight_file, args, torch.device('cpu'))
+        test_script.load_model(args, torch.device('cpu'))
 
 
 def test_train_ml_one_epoch(world, tmp_path):
@@ -433,10 +434,11 @@ def test_train_ml_one_epoch(world, tmp_path):
 
 
 def test_amp_is_a_warned_no_op_on_cpu():
-    logger = train_script.utils.setup_logging(None, name='test_scripts_amp')
+    from aligned_reid import cli, engine
+    logger = cli.setup_logging(None, name='test_scripts_amp')
     with pytest.warns(UserWarning, match='--amp has no effect on the CPU'):
-        assert train_script.amp_settings(True, torch.device('cpu'), logger) == (None, None)
-    assert train_script.amp_settings(False, torch.device('cpu'), logger) == (None, None)
+        assert engine.amp_settings(True, torch.device('cpu'), logger) == (None, [None])
+    assert engine.amp_settings(False, torch.device('cpu'), logger, num_models=2) == (None, [None, None])
 
 
 def test_help_states_every_default():

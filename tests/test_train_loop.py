@@ -1,13 +1,13 @@
-"""Tests of script/train.py's train_one_epoch on the CPU with a tiny model: one device-to-host read per
+"""Tests of aligned_reid.engine's train_one_epoch on the CPU with a tiny model: one device-to-host read per
 step (statistics stay on the device), and a non-finite loss stops the run before the update that would
 use it."""
 import pytest
 import torch
 import torch.nn as nn
 
-from script_loader import load_script
+from aligned_reid import engine
+from aligned_reid.loss import compute_losses
 
-train_script = load_script('script', 'train')
 READS = ('item', 'tolist', '__float__', '__int__', '__bool__', 'numpy', 'cpu', 'nonzero')
 
 
@@ -46,6 +46,11 @@ LOSSES = dict(global_margin=0.3, local_margin=0.3, global_loss_weight=1., local_
               normalize_feature=False, local_dist_own_hard_sample=False, label_smoothing=0., check_batch=False)
 
 
+def one_model(compute=compute_losses):
+    """The step_losses of one model trained with `compute`."""
+    return lambda outputs, labels: [compute(outputs[0], labels, **LOSSES)]
+
+
 def test_one_read_per_step(monkeypatch):
     torch.manual_seed(0)
     model = Tiny()
@@ -69,8 +74,8 @@ def test_one_read_per_step(monkeypatch):
         finally:
             counting[0] = True
     monkeypatch.setattr(opt, 'step', uncounted_step)
-    stats, n_images, steps, stopped, _ = train_script.train_one_epoch(
-        model, Batches(steps=4), opt, None, torch.device('cpu'), 1, LOSSES)
+    stats, n_images, steps, stopped, _ = engine.train_one_epoch(
+        [model], Batches(steps=4), [opt], [None], torch.device('cpu'), 1, one_model())
     assert (steps, stopped, n_images) == (4, False, 32)
     assert reads == ['tolist'] * 5, reads     # one per step, one for the epoch's means
     for k in ('loss', 'global_loss', 'local_loss', 'global_prec', 'local_dist_an', 'data_wait', 'first_batch_s'):
@@ -84,13 +89,13 @@ def test_non_finite_loss_stops_before_the_update():
     seen = []
 
     def poisoned(outputs, labels, **kw):
-        result = train_script.compute_losses(outputs, labels, **kw)
+        result = compute_losses(outputs, labels, **kw)
         seen.append({k: v.detach().clone() for k, v in model.state_dict().items()})
         if len(seen) == 3:
             result['local_loss'] = result['local_loss'] * float('inf')
             result['loss'] = result['loss'] + result['local_loss']
         return result
-    with pytest.raises(train_script.NonFiniteLoss, match='local_loss = inf at epoch 2 step 3/4'):
-        train_script.train_one_epoch(model, Batches(), opt, None, torch.device('cpu'), 2, LOSSES, compute=poisoned)
+    with pytest.raises(engine.NonFiniteLoss, match='local_loss = inf at epoch 2 step 3/4'):
+        engine.train_one_epoch([model], Batches(), [opt], [None], torch.device('cpu'), 2, one_model(poisoned))
     assert not all(torch.equal(seen[1][k], seen[2][k]) for k in seen[1])   # step 2 did update
     assert all(torch.equal(v, seen[2][k]) for k, v in model.state_dict().items())   # step 3 did not
