@@ -255,7 +255,7 @@ def run(name, work):
     return t_prep, not caught
 
 
-def main(argv=None):
+def build_parser():
     p = argparse.ArgumentParser(description=__doc__)
     p.add_argument('--datasets', nargs='+', default=['market1501', 'market1501_zip', 'duke', 'msmt17', 'cuhk03'],
                    choices=['market1501', 'market1501_zip', 'duke', 'msmt17', 'cuhk03'],
@@ -263,7 +263,11 @@ def main(argv=None):
     p.add_argument('--work_dir', default=None, help='where the fake trees go (default: a temporary folder, removed)')
     p.add_argument('--im_size', type=int, nargs=2, default=[8, 4], metavar=('H', 'W'),
                    help='size of the fake JPEGs; 128 64 is Market-1501\'s (default: 8 4)')
-    args = p.parse_args(argv)
+    return p
+
+
+def main(argv=None):
+    args = build_parser().parse_args(argv)
     global IM_SIZE
     IM_SIZE = tuple(args.im_size)
     print(f'fake images: {IM_SIZE[0]} x {IM_SIZE[1]}, {len(tiny_jpeg())} bytes each')
