@@ -64,6 +64,19 @@ def _at_least_float32(t):
     return t.float() if t.dtype in (torch.float16, torch.bfloat16) else t
 
 
+def _select_rows(x, index):
+    """x[index] for x [N, ...] and index [M] -> [M, ...], through F.embedding, whose backward
+    sums the gradients of a repeated row in a fixed order: on a CPU each thread owns a range of
+    rows and adds their gradients in index order; on CUDA the indices are sorted first.
+
+    Plain indexing accumulates them with index_put_(accumulate=True), which on a CPU uses
+    parallel atomic float adds once the gradient has 32768 elements and torch more than one
+    thread (the demo batch, 128 mined rows of 2 x 128, is exactly that size): the rounding of
+    the sums, and so a whole training run, then changed with thread timing. The values are the
+    same rows, copied."""
+    return F.embedding(index, x.reshape(x.size(0), -1)).view(index.size(0), *x.shape[1:])
+
+
 def compute_losses(outputs, labels, global_margin=0.3, local_margin=0.3, global_loss_weight=1.,
                    local_loss_weight=0., id_loss_weight=0., normalize_feature=False,
                    local_dist_own_hard_sample=False, label_smoothing=0., check_batch=True):
@@ -100,7 +113,8 @@ def compute_losses(outputs, labels, global_margin=0.3, local_margin=0.3, global_
         if local_dist_own_hard_sample:
             l_ap, l_an, _, _ = hard_example_mining(local_dist(lf, lf), labels, check=check_batch)
         else:   # positives and negatives in one call: half the kernels of two
-            l_ap, l_an = batch_local_dist(lf.repeat(2, 1, 1), lf[torch.cat([p_inds, n_inds])]).chunk(2)
+            l_ap, l_an = batch_local_dist(lf.repeat(2, 1, 1),
+                                          _select_rows(lf, torch.cat([p_inds, n_inds]))).chunk(2)
         terms["local_loss"] = triplet_loss(l_ap, l_an, local_margin)
         terms.update(_triplet_stats("local", l_ap, l_an, local_margin))
         total = total + local_loss_weight * terms["local_loss"]
