@@ -433,14 +433,6 @@ def test_train_ml_one_epoch(world, tmp_path):
     assert r.returncode == 2 and '-pmlw 1.0 needs the classifier: give -idlw > 0' in r.stderr
 
 
-def test_amp_is_a_warned_no_op_on_cpu():
-    from aligned_reid import cli, engine
-    logger = cli.setup_logging(None, name='test_scripts_amp')
-    with pytest.warns(UserWarning, match='--amp has no effect on the CPU'):
-        assert engine.amp_settings(True, torch.device('cpu'), logger) == (None, [None])
-    assert engine.amp_settings(False, torch.device('cpu'), logger, num_models=2) == (None, [None, None])
-
-
 def test_help_states_every_default():
     for module in (train_script, test_script):
         for action in module.build_parser()._actions:
