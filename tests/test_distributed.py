@@ -1,7 +1,6 @@
 """Tests of aligned_reid.distributed: the single-process helpers, the variable-size all_gather and mean of
 two gloo processes, and the stop when torchrun starts more processes than there are GPUs."""
 import os
-import socket
 
 import numpy as np
 import pytest
@@ -9,6 +8,7 @@ import torch
 import torch.multiprocessing as mp
 
 from aligned_reid import distributed
+from conftest import free_port
 
 
 def test_single_process_helpers():
@@ -17,12 +17,6 @@ def test_single_process_helpers():
     x = np.arange(5)
     assert np.array_equal(distributed.all_gather_arrays(x), x)
     distributed.barrier()
-
-
-def _free_port():
-    with socket.socket() as s:
-        s.bind(('127.0.0.1', 0))
-        return s.getsockname()[1]
 
 
 def _gather_worker(rank, world, port, out_dir):
@@ -41,7 +35,7 @@ def _gather_worker(rank, world, port, out_dir):
 
 
 def test_all_gather_variable_size_two_processes(tmp_path):
-    mp.spawn(_gather_worker, args=(2, _free_port(), str(tmp_path)), nprocs=2, join=True)
+    mp.spawn(_gather_worker, args=(2, free_port(), str(tmp_path)), nprocs=2, join=True)
     got = np.load(tmp_path / 'out.npz')
     assert got['global'].shape == (2 + 5, 4)
     assert np.array_equal(got['global'][:, 0], [0, 0, 1, 1, 1, 1, 1])

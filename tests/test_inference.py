@@ -13,8 +13,7 @@ from PIL import Image
 from aligned_reid import data, evaluation, inference
 from aligned_reid.model import Model
 from aligned_reid.synthetic import make_camera, make_identity, render_image
-from conftest import brute_dist, brute_global_dist
-from script_loader import load_script
+from conftest import brute_dist, brute_global_dist, load_script
 
 extract_script = load_script('script', 'extract')
 SIZE = (64, 32)
