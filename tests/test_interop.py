@@ -1,4 +1,4 @@
-"""Users of the older PyTorch reproduction: its weights and checkpoints (built here in its exact layouts)
+"""Tests for users of the older PyTorch reproduction: its weights and checkpoints (built here in its exact layouts)
 give the same features in our Model, no partial load passes silently, its experiment folders, combined
 set, image numbering and command-line flags work or stop with one line naming our equivalent."""
 import json

@@ -1,4 +1,5 @@
-"""Fault injection on training and testing: a full disk during a checkpoint save, temporaries of a killed
+"""Fault injection on training and testing (script/train.py, train_ml.py, test.py and the checkpoint, data
+and logging code under them): a full disk during a checkpoint save, temporaries of a killed
 save, file modes, damaged images, odd flags, a read-only folder, a resumed finished run, test.py's saved
 dataset name, multi-query without multi-query images, a bare state dict. Each checks exit code, message
 and that nothing was lost."""

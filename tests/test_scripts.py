@@ -1,5 +1,6 @@
-"""End-to-end tests of script/train.py and script/test.py on a tiny synthetic set: the original README's
-commands verbatim, exact resume, signals, non-finite losses, two-process gloo torchrun, bad input."""
+"""End-to-end tests of script/train.py, train_ml.py and test.py on the tiny synthetic sets (conftest's world):
+the original README's commands verbatim, exact resume, signals, non-finite losses, two-process gloo torchrun,
+bad input."""
 import json
 import os
 import re
