@@ -1,13 +1,5 @@
-"""Imports a script of data_set/ or script/ as a module (they are files, not a package), for tests."""
-import importlib.util
-import pathlib
+"""Kept so that `from script_loader import load_script` in test files written before the move still
+works; the one definition is conftest.load_script, which new tests import."""
+from conftest import REPO, load_script
 
-REPO = pathlib.Path(__file__).resolve().parents[1]
-
-
-def load_script(folder, name):
-    """The module of REPO/folder/name.py, e.g. load_script('data_set', 'market1501_prepare')."""
-    spec = importlib.util.spec_from_file_location(f'{folder}_{name}', REPO / folder / f'{name}.py')
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+__all__ = ['REPO', 'load_script']

@@ -6,7 +6,7 @@ import statistics
 import pytest
 
 from aligned_reid.cli import flat_ints
-from script_loader import load_script
+from conftest import load_script
 
 ablation = load_script('bench', 'ablation')
 

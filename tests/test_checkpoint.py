@@ -1,7 +1,8 @@
-"""Tests of aligned_reid.checkpoint.load_file, the safe reader: torch's zip and legacy formats and
+"""Tests of aligned_reid.checkpoint: load_file, the safe reader (torch's zip and legacy formats and
 Python 2 files round-trip exactly, CUDA storages land on the CPU, a file whose pickle would run a
-command is refused without running it, and unreadable files get one line saying what they look like.
-Also the Python 2 partitions.pkl of the older reproduction through data.read_partitions."""
+command is refused without running it, unreadable files get one line saying what they look like), the
+Python 2 partitions.pkl of the older reproduction through data.read_partitions, the atomic
+save_checkpoint and the RNG states."""
 import os
 import pickle
 import random
@@ -237,3 +238,39 @@ def test_partitions_file_with_forbidden_global(tmp_path, bad):
         assert not marker.exists() and 'interop_trap_module' not in sys.modules
     finally:
         sys.path.remove(str(tmp_path))
+
+
+# ----------------------------------------------------------------------------- atomic writes, RNG states
+
+def test_checkpoint_roundtrip_and_atomic(tmp_path, monkeypatch):
+    path = str(tmp_path / 'sub' / 'ckpt.pth')
+    state = {'model': {'w': torch.arange(6.).view(2, 3)}, 'epoch': 3, 'args': {'a': 1}}
+    checkpoint.save_checkpoint(state, path)
+    back = checkpoint.load_file(path)
+    assert back['epoch'] == 3 and torch.equal(back['model']['w'], state['model']['w'])
+    assert os.listdir(os.path.dirname(path)) == ['ckpt.pth']  # no temporary left over
+
+    # A crash while writing keeps the previous checkpoint intact and leaves no temporary file.
+    def boom(*a, **k):
+        raise RuntimeError('disk full')
+    monkeypatch.setattr(torch, 'save', boom)
+    with pytest.raises(RuntimeError):
+        checkpoint.save_checkpoint({'epoch': 4}, path)
+    monkeypatch.undo()
+    assert checkpoint.load_file(path)['epoch'] == 3
+    assert os.listdir(os.path.dirname(path)) == ['ckpt.pth']
+
+
+def test_load_checkpoint_missing(tmp_path):
+    with pytest.raises(FileNotFoundError, match='nope.pth'):
+        checkpoint.load_file(str(tmp_path / 'nope.pth'))
+
+
+def test_rng_state_roundtrip():
+    engine.set_seed(5)
+    state = checkpoint.get_rng_state()
+    a = (random.random(), np.random.rand(), torch.rand(3))
+    random.random(), np.random.rand(), torch.rand(7)  # move on
+    checkpoint.set_rng_state(state)
+    b = (random.random(), np.random.rand(), torch.rand(3))
+    assert a[0] == b[0] and a[1] == b[1] and torch.equal(a[2], b[2])

@@ -1,12 +1,12 @@
 """Tests for aligned_reid.evaluation: evaluate_rank against a brute-force per-query reference
-(both AP formulas, ties, skipped queries, distractors, junk), known answers, distances, pooling."""
+(both AP formulas, ties, skipped queries, distractors, junk), known answers, pooling, test-time
+features and evaluate(). The distances are in test_distance.py."""
 
 import numpy as np
 import pytest
 import torch
 
 from aligned_reid import evaluation as ev
-from aligned_reid.loss import local_dist
 
 
 def reference_rank(distmat, q_ids, g_ids, q_cams, g_cams, max_rank, ap_mode,
@@ -163,32 +163,6 @@ def test_single_gallery_shot():
     np.testing.assert_array_equal(s1['cmc'], s2['cmc'])
     assert s1['cmc'][0] >= 0 and np.all(np.diff(s1['cmc']) >= 0)
     assert s1['mAP'] == full['mAP']
-
-
-def test_compute_dist_variants():
-    rng = np.random.default_rng(0)
-    q = {'global': rng.standard_normal((5, 8)).astype(np.float32),
-         'local': rng.standard_normal((5, 4, 3)).astype(np.float32)}
-    g = {'global': rng.standard_normal((7, 8)).astype(np.float32),
-         'local': rng.standard_normal((7, 4, 3)).astype(np.float32)}
-    eu = np.sqrt(((q['global'][:, None] - g['global'][None]) ** 2).sum(-1))
-    np.testing.assert_allclose(ev.compute_dist(q, g, 'global', block_size=2), eu, atol=1e-5)
-    qn = q['global'] / np.linalg.norm(q['global'], axis=1, keepdims=True)
-    gn = g['global'] / np.linalg.norm(g['global'], axis=1, keepdims=True)
-    np.testing.assert_allclose(ev.compute_dist(q, g, 'global', normalize=True),
-                               np.sqrt(((qn[:, None] - gn[None]) ** 2).sum(-1)), atol=1e-5)
-    np.testing.assert_allclose(ev.compute_dist(q, g, 'global', metric='cosine'),
-                               1 - qn @ gn.T, atol=1e-5)
-    loc = local_dist(torch.from_numpy(q['local']), torch.from_numpy(g['local'])).numpy()
-    np.testing.assert_allclose(ev.compute_dist(q, g, 'local'), loc, atol=1e-5)
-    np.testing.assert_allclose(ev.compute_dist(q, g, 'global_local'), eu + loc, atol=1e-5)
-    pairs = ev.pair_dist({k: v[[0, 4]] for k, v in q.items()},
-                         {k: v[[6, 2]] for k, v in g.items()}, 'global_local').numpy()
-    np.testing.assert_allclose(pairs, [eu[0, 6] + loc[0, 6], eu[4, 2] + loc[4, 2]], atol=1e-5)
-    with pytest.raises(ValueError, match="distance must be one of"):
-        ev.compute_dist(q, g, 'nope')
-    with pytest.raises(ValueError, match="cosine"):
-        ev.compute_dist(q, g, 'local', metric='cosine')
 
 
 def test_multi_query_pooling():

@@ -1,7 +1,7 @@
-"""FeatureExtractor, script/extract.py (HDF5 output, resume, bad files) and the exact top-k search,
-against references written here: the bare model forward, evaluation.extract_features, brute-force
-rankings."""
-import math
+"""Tests of using a trained model: FeatureExtractor, script/extract.py (HDF5 output, resume, bad files),
+script/search.py and script/export_onnx.py, against references: the bare model forward,
+evaluation.extract_features, brute-force rankings (conftest.py). The top-k search itself is in
+test_distance.py."""
 import os
 
 import h5py
@@ -11,10 +11,9 @@ import torch
 from PIL import Image
 
 from aligned_reid import data, evaluation, inference
-from aligned_reid import distance as dist_lib
 from aligned_reid.model import Model
 from aligned_reid.synthetic import make_camera, make_identity, render_image
-from script_loader import load_script
+from conftest import brute_dist, brute_global_dist, load_script
 
 extract_script = load_script('script', 'extract')
 SIZE = (64, 32)
@@ -282,103 +281,6 @@ def test_extract_from_a_list_file_and_bad_flags(world, tmp_path, capsys):
         assert message in capsys.readouterr().err
 
 
-# ----------------------------------------------------------------------------- search
-
-def _brute_global(q, g, normalize=False):
-    if normalize:
-        q = q / np.maximum(np.linalg.norm(q, axis=1, keepdims=True), 1e-12)
-        g = g / np.maximum(np.linalg.norm(g, axis=1, keepdims=True), 1e-12)
-    return np.sqrt(((q[:, None, :].astype(np.float64) - g[None]) ** 2).sum(-1))
-
-
-def _brute_local_pair(a, b):
-    m, n = len(a), len(b)
-    cost = np.empty((m, n))
-    for i in range(m):
-        for j in range(n):
-            d = math.sqrt(((a[i].astype(np.float64) - b[j]) ** 2).sum())
-            cost[i, j] = (math.exp(d) - 1) / (math.exp(d) + 1)
-    acc = np.full((m, n), np.inf)
-    for i in range(m):
-        for j in range(n):
-            prev = 0. if i == j == 0 else min(acc[i - 1, j] if i else np.inf, acc[i, j - 1] if j else np.inf)
-            acc[i, j] = cost[i, j] + prev
-    return acc[-1, -1]
-
-
-def _brute(q, g, distance):
-    out = 0.
-    if distance in ('global', 'global_local'):
-        out = out + _brute_global(q['global'], g['global'])
-    if distance in ('local', 'global_local'):
-        out = out + np.array([[_brute_local_pair(a, b) for b in g['local']] for a in q['local']])
-    return out
-
-
-def test_sort_keys_rank_like_a_stable_argsort():
-    rng = np.random.default_rng(1)
-    vals = rng.choice(np.array([-2.5, -1e-30, -0., 0., 1e-30, 0.5, 0.5, 3., np.inf], dtype=np.float32),
-                      size=(5, 40))
-    idx = torch.arange(40).expand(5, 40)
-    keys = dist_lib._sort_keys(torch.from_numpy(vals), idx)
-    order = torch.topk(keys, 17, dim=1, largest=False).values
-    dist, index = dist_lib._unpack_keys(order)
-    # -0. and 0. are equal: compare against the stable argsort of the values with -0. made 0.
-    want = np.argsort(vals + np.float32(0.), axis=1, kind='stable')[:, :17]
-    np.testing.assert_array_equal(index.numpy(), want)
-    np.testing.assert_array_equal(dist.numpy(), np.take_along_axis(vals, want, 1) + np.float32(0.))
-
-
-@pytest.mark.parametrize('distance', ['global', 'local', 'global_local'])
-def test_topk_search_equals_brute_force_ranking(distance):
-    rng = np.random.default_rng(2)
-    q = {'global': rng.normal(size=(9, 6)).astype(np.float32),
-         'local': rng.normal(size=(9, 3, 4)).astype(np.float32)}
-    g = {'global': rng.normal(size=(23, 6)).astype(np.float32),
-         'local': rng.normal(size=(23, 4, 4)).astype(np.float32)}
-    ref = _brute(q, g, distance)
-    want = np.argsort(ref, axis=1, kind='stable')
-    for k, qb, gb in ((5, 2, 4), (23, 4, 7), (40, None, None), (1, 9, 23)):
-        index, dist = dist_lib.topk_search(q, g, k=k, distance=distance, query_block=qb, gallery_block=gb)
-        kk = min(k, 23)
-        assert index.shape == dist.shape == (9, kk)
-        np.testing.assert_array_equal(index, want[:, :kk])
-        np.testing.assert_allclose(dist, np.take_along_axis(ref, want[:, :kk], 1), rtol=1e-5, atol=1e-5)
-
-
-def test_topk_search_normalized_and_from_hdf5(tmp_path):
-    rng = np.random.default_rng(3)
-    q = {'global': rng.normal(size=(4, 8)).astype(np.float32)}
-    gal = rng.normal(size=(30, 8)).astype(np.float32)
-    path = tmp_path / 'g.h5'
-    with h5py.File(str(path), 'w') as f:
-        f['global'] = gal
-    ref = _brute_global(q['global'], gal, normalize=True)
-    with h5py.File(str(path), 'r') as f:
-        index, dist = dist_lib.topk_search(q, {'global': f['global']}, k=6, normalize=True, gallery_block=8)
-    np.testing.assert_array_equal(index, np.argsort(ref, axis=1, kind='stable')[:, :6])
-    empty = dist_lib.topk_search(q, {'global': gal[:0]}, k=3)
-    assert empty[0].shape == (4, 0)
-
-
-def test_rerank_shortlist_equals_brute_force_on_the_shortlist():
-    rng = np.random.default_rng(4)
-    q = {'global': rng.normal(size=(5, 6)).astype(np.float32),
-         'local': rng.normal(size=(5, 3, 4)).astype(np.float32)}
-    g = {'global': rng.normal(size=(20, 6)).astype(np.float32),
-         'local': rng.normal(size=(20, 3, 4)).astype(np.float32)}
-    short = np.stack([rng.permutation(20)[:8] for _ in range(5)])
-    short[1, 5:] = -1                                  # faiss pads missing candidates with -1
-    ref = _brute(q, g, 'global_local')
-    index, dist = dist_lib.rerank_shortlist(q, g, short, k=6, distance='global_local', pair_block=7)
-    for i in range(5):
-        cand = short[i][short[i] >= 0]
-        order = cand[np.argsort(ref[i, cand], kind='stable')][:6]
-        assert list(index[i][:len(order)]) == list(order)
-        np.testing.assert_allclose(dist[i][:len(order)], ref[i, order], rtol=1e-5, atol=1e-5)
-    assert list(index[1][5:]) == [-1] and np.isinf(dist[1][5])
-
-
 # ----------------------------------------------------------------------------- script/search.py
 
 search_script = load_script('script', 'search')
@@ -410,7 +312,7 @@ def test_search_ranks_equal_brute_force(world, tmp_path):
     q, g = {'global': qg, 'local': ql}, {'global': gg, 'local': gl}
     common = ['--model', str(world['exp']), '--device', 'cpu', '--workers', '0', '--top_k', '4']
     for distance in ('global', 'global_local'):
-        ref = _brute(q, g, distance)
+        ref = brute_dist(q, g, distance)
         want = np.argsort(ref, axis=1, kind='stable')[:, :4]
         out = tmp_path / f'{distance}.csv'
         search_script.main(search_script.parse_args(common + [
@@ -427,7 +329,7 @@ def test_search_ranks_equal_brute_force(world, tmp_path):
     h5 = tmp_path / 'gallery.h5'
     _run(['--model', str(world['ckpt']), '--images', str(gdir), '--output', str(h5), '--local', '--device', 'cpu',
           '--workers', '0', '--progress', 'false'])
-    ref = _brute(q, g, 'local')
+    ref = brute_dist(q, g, 'local')
     want = np.argsort(ref, axis=1, kind='stable')[:, :4]
     out = tmp_path / 'local.json'
     search_script.main(search_script.parse_args(common + [
@@ -447,7 +349,7 @@ def test_search_ranks_equal_brute_force(world, tmp_path):
 
     # Re-ranking: the k-reciprocal matrix of the brute-force distances, ranked.
     from aligned_reid.re_ranking import re_ranking
-    rr = re_ranking(_brute(q, g, 'global'), _brute(q, q, 'global'), _brute(g, g, 'global'), k1=3, k2=2)
+    rr = re_ranking(brute_dist(q, g, 'global'), brute_dist(q, q, 'global'), brute_dist(g, g, 'global'), k1=3, k2=2)
     want = np.argsort(rr, axis=1, kind='stable')[:, :4]
     out = tmp_path / 'rr.csv'
     search_script.main(search_script.parse_args(common + [
@@ -473,7 +375,7 @@ def test_search_with_faiss_shortlist(world, tmp_path):
             f.create_dataset('skipped', (0,), dtype=h5py.string_dtype('utf-8'))
             f.attrs.update({'format': inference.FEATURES_FORMAT, 'complete': True,
                             'settings': '{"model": "m", "cfg": {"normalize_feature": false, "resize_h_w": [64, 32]}}'})
-    ref = _brute_global(q, g)
+    ref = brute_global_dist(q, g)
     want = np.argsort(ref, axis=1, kind='stable')[:, :5]
     # Every list visited (nprobe = nlist), so the shortlist holds the exact top-k: the result must be exact;
     # under a PCA pre-transform the shortlist of 50 is the whole gallery only if nprobe reaches the IVF.
@@ -538,16 +440,3 @@ def test_every_flag_states_its_default():
                 assert 'Default:' in (action.help or ''), (module.__name__, action.dest)
 
 
-def test_topk_search_ties_across_block_cuts_go_to_the_lower_index():
-    # Small integer features: every dot product is exact in float32 whatever the matmul blocking,
-    # so duplicates give bitwise equal distances and the ties are real.
-    rng = np.random.default_rng(6)
-    base = rng.integers(-3, 4, size=(6, 5)).astype(np.float32)
-    g = base[rng.integers(0, 6, size=40)]
-    q = np.concatenate([base[:3], rng.integers(-3, 4, size=(2, 5)).astype(np.float32)])
-    ref = _brute_global(q, g)
-    want = np.argsort(ref, axis=1, kind='stable')
-    for k, gb in ((3, 5), (9, 7), (12, 40), (40, 6)):
-        index, dist = dist_lib.topk_search({'global': q}, {'global': g}, k=k, gallery_block=gb)
-        np.testing.assert_array_equal(index, want[:, :k])
-        np.testing.assert_allclose(dist, np.take_along_axis(ref, want[:, :k], 1), atol=1e-3)

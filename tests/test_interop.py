@@ -1,9 +1,8 @@
-"""Users of the older PyTorch reproduction: its weights and checkpoints (built here in its exact layouts)
+"""Tests for users of the older PyTorch reproduction: its weights and checkpoints (built here in its exact layouts)
 give the same features in our Model, no partial load passes silently, its experiment folders, combined
 set, image numbering and command-line flags work or stop with one line naming our equivalent."""
 import json
 import os
-import sys
 from collections import OrderedDict
 
 import pytest
@@ -13,20 +12,14 @@ import torch.nn.functional as F
 from aligned_reid import checkpoint, data, evaluation
 from aligned_reid.checkpoint import CheckpointError, load_model
 from aligned_reid.model import Model
-from aligned_reid.prepare import prepare_market_layout
-from aligned_reid.synthetic import render_market_tree
+from conftest import load_script, parse_error
 from old_files import old_s26_array, old_state_dict, py2_dumps, randomized_old_model, write_py2_torch_file
-from script_loader import REPO, load_script
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 train_script = load_script('script', 'train')
 test_script = load_script('script', 'test')
-sys.path.insert(0, str(REPO / 'script'))  # train_ml.py imports train.py from beside it
-try:
-    ml_script = load_script('script', 'train_ml')
-finally:
-    sys.path.remove(str(REPO / 'script'))
+ml_script = load_script('script', 'train_ml')
 
 
 def old_features(model, x):
@@ -165,15 +158,6 @@ def test_old_files_as_pretrained_backbone(tmp_path):
 
 # ----------------------------------------------------------------------------- folders and scripts
 
-@pytest.fixture(scope='module')
-def market(tmp_path_factory):
-    root = tmp_path_factory.mktemp('interop')
-    raw = root / 'raw'
-    render_market_tree(str(raw), num_train_ids=8, num_test_ids=5, ims_per_id_cam=2, num_cams=3, im_size=(64, 32),
-                       seed=4)
-    prepare_market_layout(str(raw), str(root / 'market1501'), num_val_ids=2, verbose=False)
-    return {'root': root, 'raw': raw, 'partitions': str(root / 'market1501' / 'partitions.pkl')}
-
 
 COMMON = ['--device', 'cpu', '--workers', '0', '--resize_h_w', '(64,32)']
 
@@ -182,16 +166,17 @@ def folder_listing(folder):
     return sorted(os.listdir(folder))
 
 
-def test_test_script_on_published_weights(market, tmp_path):
+def test_test_script_on_published_weights(market_with_raw, tmp_path):
     old = randomized_old_model(seed=3)
     weights = tmp_path / 'model_weight.pth'
     write_py2_torch_file(weights, old_state_dict(old))
-    args = test_script.parse_args(['--model_weight_file', str(weights), '--test_partitons', market['partitions'],
-                                   '--exp_dir', str(tmp_path / 'exp'), '--to_re_rank', 'false'] + COMMON)
+    args = test_script.parse_args(['--model_weight_file', str(weights), '--test_partitons',
+                                   market_with_raw['partitions'], '--exp_dir', str(tmp_path / 'exp'),
+                                   '--to_re_rank', 'false'] + COMMON)
     results = test_script.main(args)
     # The features test.py evaluated are the old model's on the old preprocessing (mean 0.486 ...).
-    parts = data.read_partitions(market['partitions'])
-    im_dir = data.partitions_images_dir(market['partitions'])
+    parts = data.read_partitions(market_with_raw['partitions'])
+    im_dir = data.partitions_images_dir(market_with_raw['partitions'])
     model, cfg = test_script.load_model(args, torch.device('cpu'))
     feats, again, _ = test_script.evaluate(model, parts, im_dir, cfg, args, torch.device('cpu'))
     assert again['global']['mAP'] == results['global']['mAP']
@@ -209,21 +194,14 @@ def test_test_script_on_published_weights(market, tmp_path):
     assert "older reproduction's model weights" in log and '0.486' in log
 
 
-def _parse_error(module, argv, capsys):
-    with pytest.raises(SystemExit) as e:
-        module.parse_args(argv)
-    assert e.value.code == 2
-    return capsys.readouterr().err
-
-
-def test_old_experiment_folder_onlytest_and_resume(market, tmp_path, capsys):
+def test_old_experiment_folder_onlytest_and_resume(market_with_raw, tmp_path, capsys):
     old = randomized_old_model(seed=2)
     exp = tmp_path / 'old_run'
     exp.mkdir()
     write_py2_torch_file(exp / 'ckpt.pth', {'state_dicts': [old_state_dict(old), adam_state(old)], 'ep': 150,
                                              'scores': 0.7})
-    base = ['--train_partitons', market['partitions'], '--exp_dir', str(exp), '--ids_per_batch', '4'] + COMMON
-    err = _parse_error(train_script, base + ['--resume', 'true'], capsys)
+    base = ['--train_partitons', market_with_raw['partitions'], '--exp_dir', str(exp), '--ids_per_batch', '4'] + COMMON
+    err = parse_error(train_script, base + ['--resume', 'true'], capsys)
     assert "the older reproduction's ckpt.pth" in err and '--model_weight_file' in err and '--onlytest true' in err
     assert folder_listing(exp) == ['ckpt.pth']
     args = train_script.parse_args(base + ['--only_test', 'true', '--to_re_rank', 'false'])
@@ -233,26 +211,26 @@ def test_old_experiment_folder_onlytest_and_resume(market, tmp_path, capsys):
     assert 'older reproduction' in open(exp / 'train.log').read()
 
 
-def test_foreign_checkpoint_writes_nothing(market, tmp_path, capsys):
+def test_foreign_checkpoint_writes_nothing(market_with_raw, tmp_path, capsys):
     exp = tmp_path / 'foreign'
     exp.mkdir()
     (exp / 'ckpt.pth').write_bytes(b'\xff\xd8\xff\xe0' + bytes(200))
-    base = ['--train_partitons', market['partitions'], '--exp_dir', str(exp), '--ids_per_batch', '4'] + COMMON
+    base = ['--train_partitons', market_with_raw['partitions'], '--exp_dir', str(exp), '--ids_per_batch', '4'] + COMMON
     for flag in ('--resume', '--onlytest'):
-        err = _parse_error(train_script, base + [flag, 'true'], capsys)
+        err = parse_error(train_script, base + [flag, 'true'], capsys)
         assert 'ckpt.pth: not a torch file: looks like a JPEG image' in err and flag in err
         assert folder_listing(exp) == ['ckpt.pth']
     (exp / 'ckpt.pth').write_bytes(b'')
-    assert 'empty file' in _parse_error(train_script, base + ['--onlytest', 'true'], capsys)
+    assert 'empty file' in parse_error(train_script, base + ['--onlytest', 'true'], capsys)
     with pytest.raises(ValueError, match='empty file'):
-        test_script.main(test_script.parse_args(['--exp_dir', str(exp), '--test_partitons', market['partitions']]
-                                                + COMMON))
+        test_script.main(test_script.parse_args(['--exp_dir', str(exp), '--test_partitons',
+                                                 market_with_raw['partitions']] + COMMON))
     assert folder_listing(exp) == ['ckpt.pth']
 
 
-def _our_checkpoint(exp, market, **arch):
+def _our_checkpoint(exp, market_with_raw, **arch):
     """A train.py checkpoint of a resnet18 run, as train.py writes it (arguments and RNG inside)."""
-    argv = ['--train_partitons', market['partitions'], '--exp_dir', str(exp), '--ids_per_batch', '4',
+    argv = ['--train_partitons', market_with_raw['partitions'], '--exp_dir', str(exp), '--ids_per_batch', '4',
             '--base_model', 'resnet18', '--pretrained', 'false'] + COMMON
     args = train_script.parse_args(argv)
     model = Model('resnet18')
@@ -264,25 +242,25 @@ def _our_checkpoint(exp, market, **arch):
     return model
 
 
-def test_stray_args_json_is_not_trusted_and_architecture_clash_is_one_line(market, tmp_path, capsys):
+def test_stray_args_json_is_not_trusted_and_architecture_clash_is_one_line(market_with_raw, tmp_path, capsys):
     exp = tmp_path / 'ours'
-    _our_checkpoint(exp, market)
+    _our_checkpoint(exp, market_with_raw)
     # a failed run left an args.json saying resnet50: the checkpoint's own arguments win
     (exp / 'args.json').write_text(json.dumps({'base_model': 'resnet50', 'local_conv_out_channels': 64}))
     args = train_script.parse_args(['--exp_dir', str(exp), '--onlytest', 'true', '--device', 'cpu'])
     assert args.base_model == 'resnet18' and args.local_conv_out_channels == 128
-    err = _parse_error(train_script, ['--exp_dir', str(exp), '--resume', 'true', '--base_model', 'resnet34'], capsys)
+    err = parse_error(train_script, ['--exp_dir', str(exp), '--resume', 'true', '--base_model', 'resnet34'], capsys)
     assert '--base_model resnet34' in err and 'holds a model with base_model resnet18' in err
     last = err.strip().splitlines()[-1]  # argparse's usage, then one line
     assert 'Traceback' not in err and err.count('error:') == 1 and 'error: --base_model resnet34' in last
 
 
-def test_start_training_from_old_weights(market, tmp_path):
+def test_start_training_from_old_weights(market_with_raw, tmp_path):
     old = randomized_old_model(seed=6)
     weights = tmp_path / 'model_weight.pth'
     write_py2_torch_file(weights, old_state_dict(old))
     exp = tmp_path / 'finetune'
-    args = train_script.parse_args(['--train_partitons', market['partitions'], '--exp_dir', str(exp),
+    args = train_script.parse_args(['--train_partitons', market_with_raw['partitions'], '--exp_dir', str(exp),
                                     '--model_weight_file', str(weights), '--ids_per_batch', '4', '--ims_per_id', '2',
                                     '--total_epochs', '1', '-idlw', '1', '--final_test', 'false'] + COMMON)
     assert args.base_model == 'resnet18' and args.local_conv_out_channels == 16
@@ -294,13 +272,13 @@ def test_start_training_from_old_weights(market, tmp_path):
     assert state['args']['model_weight_file'] == str(weights)
 
 
-def test_train_ml_tests_both_models_of_an_old_mutual_learning_checkpoint(market, tmp_path):
+def test_train_ml_tests_both_models_of_an_old_mutual_learning_checkpoint(market_with_raw, tmp_path):
     models = [randomized_old_model(seed=s) for s in (7, 8)]
     exp = tmp_path / 'old_ml'
     exp.mkdir()
     write_layout(exp / 'ckpt.pth', 'ml_py2', models)
-    args = ml_script.parse_args(['--train_partitons', market['partitions'], '--exp_dir', str(exp), '--ids_per_batch',
-                                 '4', '--onlytest', 'true', '--to_re_rank', 'false'] + COMMON)
+    args = ml_script.parse_args(['--train_partitons', market_with_raw['partitions'], '--exp_dir', str(exp),
+                                 '--ids_per_batch', '4', '--onlytest', 'true', '--to_re_rank', 'false'] + COMMON)
     ml_script.main(args)
     metrics = json.load(open(exp / 'metrics.json'))
     assert metrics['results']['global']['mAP'] != metrics['results_model2']['global']['mAP']
@@ -310,38 +288,39 @@ def test_train_ml_tests_both_models_of_an_old_mutual_learning_checkpoint(market,
 
 # ----------------------------------------------------------------------------- flags
 
-def test_old_flags(market, tmp_path, capsys):
-    base = ['--train_partitons', market['partitions'], '--exp_dir', str(tmp_path / 'x'), '--ids_per_batch', '4']
+def test_old_flags(market_with_raw, tmp_path, capsys):
+    base = ['--train_partitons', market_with_raw['partitions'], '--exp_dir', str(tmp_path / 'x'),
+            '--ids_per_batch', '4']
     args = train_script.parse_args(base + ['--dataset', 'market1501', '--resize_h_w', '(256,128)', '--g_loss_weight', '0.5',
                                            '--l_loss_weight', '2', '--set_seed', 'true', '--log_to_file', 'true',
                                            '--staircase_decay_at_epochs', '(101,201,)', '--only_test', 'false'])
     assert args.resize_h_w == [256, 128] and args.global_loss_weight == 0.5 and args.local_loss_weight == 2
     assert args.staircase_decay_at_epochs == [101, 201] and args.seed == 1 and args.train_dataset == 'market1501'
     assert train_script.parse_args(base + ['--resize_h_w', '256', '128']).resize_h_w == [256, 128]
-    assert '--resize_h_w takes a height and a width' in _parse_error(train_script, base + ['--resize_h_w', '256'], capsys)
+    assert '--resize_h_w takes a height and a width' in parse_error(train_script, base + ['--resize_h_w', '256'], capsys)
     for module in (train_script, test_script, ml_script):
-        err = _parse_error(module, base + ['-d', '(0,)'], capsys)
+        err = parse_error(module, base + ['-d', '(0,)'], capsys)
         assert '-d is a flag of the older reproduction' in err and 'CUDA_VISIBLE_DEVICES' in err and 'torchrun' in err
-        err = _parse_error(module, base + ['-r', '1'], capsys)
+        err = parse_error(module, base + ['-r', '1'], capsys)
         assert '-r is a flag of the older reproduction' in err and '--exp_dir' in err
     ml = ml_script.parse_args(base + ['--pm_loss_weight', '1', '-idlw', '1', '--gdm_loss_weight', '0.5',
                                       '--num_models', '2'])
     assert ml.prob_mutual_loss_weight == 1 and ml.global_dist_mutual_loss_weight == 0.5
-    assert '--num_models 3: train_ml.py trains 2 models' in _parse_error(ml_script, base + ['--num_models', '3'], capsys)
-    t = test_script.parse_args(['--model_weight_file', __file__, '--test_partitons', market['partitions'],
+    assert '--num_models 3: train_ml.py trains 2 models' in parse_error(ml_script, base + ['--num_models', '3'], capsys)
+    t = test_script.parse_args(['--model_weight_file', __file__, '--test_partitons', market_with_raw['partitions'],
                                 '--resize_h_w', '(64,32)', '--dataset', 'duke', '--test_dataset', 'market1501'])
     assert t.resize_h_w == [64, 32] and t.train_dataset == 'duke'
 
 
 # ----------------------------------------------------------------------------- the older code's folders
 
-def test_combined_set_in_trainval_images_trains(market, tmp_path):
+def test_combined_set_in_trainval_images_trains(market_with_raw, tmp_path):
     # The older combine script's folder: trainval_images/ beside a Python 2 partitions.pkl with
     # trainval keys only (names as numpy |S26 arrays).
     folder = tmp_path / 'combined'
     (folder / 'trainval_images').mkdir(parents=True)
-    parts = data.read_partitions(market['partitions'])
-    src = data.partitions_images_dir(market['partitions'])
+    parts = data.read_partitions(market_with_raw['partitions'])
+    src = data.partitions_images_dir(market_with_raw['partitions'])
     for n in parts['trainval_im_names']:
         os.link(os.path.join(src, n), folder / 'trainval_images' / n)
     (folder / 'partitions.pkl').write_bytes(py2_dumps({
@@ -358,11 +337,11 @@ def test_combined_set_in_trainval_images_trains(market, tmp_path):
     assert data.partitions_images_dir(folder / 'partitions.pkl') == str(folder / 'images')
 
 
-def test_image_numbering_follows_the_older_code(market, tmp_path):
+def test_image_numbering_follows_the_older_code(market_with_raw, tmp_path):
     """The older code renamed sorted bounding_box_train, then bounding_box_test (junk dropped), query, then
     gt_bbox of the query (id, camera) pairs, counting k per (id, camera) over that sequence. Same names must
     point at the same raw images here."""
-    raw = market['raw']
+    raw = market_with_raw['raw']
     root = next(p for p in raw.rglob('bounding_box_train')).parent
 
     def pid_cam(name):
@@ -382,8 +361,8 @@ def test_image_numbering_follows_the_older_code(market, tmp_path):
             key = pid_cam(n)
             expected['{:08d}_{:04d}_{:08d}.jpg'.format(key[0], key[1], count.get(key, 0))] = (root / sub / n).read_bytes()
             count[key] = count.get(key, 0) + 1
-    images = market['root'] / 'market1501' / 'images'
+    images = market_with_raw['root'] / 'market1501' / 'images'
     got = {n: (images / n).read_bytes() for n in os.listdir(images)}
     assert set(got) == set(expected)
     assert all(got[n] == expected[n] for n in expected)
-    assert data.read_partitions(market['partitions'])['format_version'] == data.FORMAT_VERSION == 2
+    assert data.read_partitions(market_with_raw['partitions'])['format_version'] == data.FORMAT_VERSION == 2

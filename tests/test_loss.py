@@ -1,172 +1,18 @@
-"""Tests of aligned_reid.loss against brute-force references written here: shortest paths by
-enumerating every monotone path, per-pair local distances, per-anchor mining, gradchecks."""
-import itertools
+"""Tests of aligned_reid.loss against brute-force references: per-anchor hard mining by loops, the
+triplet, ID and mutual-learning terms and their statistics (local distances of the mined pairs by
+conftest's brute_local_dist), weights, normalisation, gradchecks. The distances are in test_distance.py."""
 import math
 
 import pytest
 import torch
 
-from aligned_reid.distance import _shortest_path_cells_first
-from aligned_reid.loss import (batch_local_dist, compute_losses, euclidean_dist,
-                               hard_example_mining, local_dist, mutual_losses, normalize,
-                               shortest_path, triplet_loss)
+from aligned_reid.loss import (compute_losses, euclidean_dist, hard_example_mining, mutual_losses,
+                               triplet_loss)
+from conftest import brute_local_dist
 
 
 # Tiny tensors: on a shared machine thread wake-ups would cost more than the work.
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
-
-
-def brute_shortest_path(grid):
-    """Minimum over every right/down path of the cell sum, by enumeration ([m, n] -> float)."""
-    m, n = grid.shape
-    best = math.inf
-    for downs in itertools.combinations(range(m + n - 2), m - 1):
-        i = j = 0
-        total = grid[0, 0].item()
-        for step in range(m + n - 2):
-            if step in downs:
-                i += 1
-            else:
-                j += 1
-            total += grid[i, j].item()
-        best = min(best, total)
-    return best
-
-
-def brute_pair_dist(a, b, aligned=True):
-    """Local distance of one pair of stripe sets a [m, d], b [n, d] by plain loops."""
-    m, n = a.shape[0], b.shape[0]
-    grid = torch.empty(m, n, dtype=a.dtype)
-    for i in range(m):
-        for j in range(n):
-            d = (a[i] - b[j]).pow(2).sum().sqrt().item()
-            grid[i, j] = (math.exp(d) - 1) / (math.exp(d) + 1)
-    if not aligned:
-        return sum(grid[i, i].item() for i in range(m))
-    return brute_shortest_path(grid)
-
-
-def test_shortest_path_matches_enumeration():
-    gen = torch.Generator().manual_seed(0)
-    for m in range(1, 7):
-        for n in range(1, 7):
-            grid = torch.rand(3, m, n, generator=gen, dtype=torch.float64)
-            got = shortest_path(grid)
-            assert got.shape == (3,)
-            for b in range(3):
-                assert abs(got[b].item() - brute_shortest_path(grid[b])) < 1e-9, (m, n)
-
-
-@pytest.mark.parametrize("schedule", ["diagonals", "rows"])
-def test_sweep_on_strided_view_matches_enumeration(schedule):
-    # local_dist hands the sweep a non-contiguous [m, n, B, N] view of its distance grid.
-    gen = torch.Generator().manual_seed(12)
-    for m in range(1, 7):
-        for n in range(1, 7):
-            grid = torch.rand(2, m, 3, n, generator=gen, dtype=torch.float64)
-            expected = [[brute_shortest_path(grid[b, :, c]) for c in range(3)] for b in range(2)]
-            got = _shortest_path_cells_first(grid.permute(1, 3, 0, 2), schedule=schedule)
-            assert torch.allclose(got, torch.tensor(expected, dtype=torch.float64), atol=1e-9)
-
-
-def test_schedules_have_the_same_gradient():
-    # Away from ties the gradient of the shortest path sum is the indicator of its cells.
-    gen = torch.Generator().manual_seed(4)
-    for m, n in ((1, 4), (4, 1), (3, 5), (8, 8)):
-        grid = torch.rand(m, n, 16, generator=gen, dtype=torch.float64)
-        grads = []
-        for schedule in ("diagonals", "rows"):
-            g = grid.clone().requires_grad_(True)
-            _shortest_path_cells_first(g, schedule=schedule).sum().backward()
-            grads.append(g.grad)
-        assert torch.equal(grads[0], grads[1]), (m, n)
-        assert set(grads[0].unique().tolist()) <= {0., 1.} and (grads[0].sum((0, 1)) == m + n - 1).all()
-    with pytest.raises(ValueError, match="schedule"):
-        _shortest_path_cells_first(grid, schedule="columns")
-
-
-def test_shortest_path_known_answers_and_shapes():
-    # The cheap path zigzags: 1 -> 0 -> 0 -> 0 -> 1 beats every straight route.
-    grid = torch.tensor([[1., 0., 9.], [9., 0., 0.], [9., 9., 1.]], dtype=torch.float64)
-    assert shortest_path(grid).item() == 2.
-    assert shortest_path(torch.arange(5.).reshape(1, 5)).item() == 10.
-    assert shortest_path(torch.arange(4.).reshape(4, 1)).item() == 6.
-    assert shortest_path(torch.tensor([[3.]])).item() == 3.
-    assert shortest_path(torch.rand(2, 3, 4, 5)).shape == (2, 3)
-    with pytest.raises(ValueError):
-        shortest_path(torch.rand(5))
-
-
-def test_shortest_path_gradcheck():
-    gen = torch.Generator().manual_seed(1)
-    for shape in [(2, 4, 3), (3, 1, 4), (2, 3, 1), (5, 5)]:
-        grid = torch.rand(*shape, generator=gen, dtype=torch.float64, requires_grad=True)
-        assert torch.autograd.gradcheck(shortest_path, (grid,))
-
-
-def test_shortest_path_gradient_marks_the_path():
-    grid = torch.tensor([[1., 0., 9.], [9., 0., 0.], [9., 9., 1.]], requires_grad=True)
-    shortest_path(grid).backward()
-    expected = torch.tensor([[1., 1., 0.], [0., 1., 1.], [0., 0., 1.]])
-    assert torch.equal(grid.grad, expected)
-
-
-def test_euclidean_dist_and_normalize():
-    gen = torch.Generator().manual_seed(2)
-    x = torch.randn(5, 7, generator=gen, dtype=torch.float64)
-    y = torch.randn(4, 7, generator=gen, dtype=torch.float64)
-    ref = torch.tensor([[(a - b).norm().item() for b in y] for a in x], dtype=torch.float64)
-    assert torch.allclose(euclidean_dist(x, y), ref, atol=1e-9)
-    assert torch.allclose(normalize(x).norm(dim=1), torch.ones(5, dtype=torch.float64))
-    assert torch.equal(normalize(torch.zeros(2, 3)), torch.zeros(2, 3))
-    # Identical rows: distance ~0 with a finite gradient (clamped before the square root).
-    z = x.clone().requires_grad_(True)
-    euclidean_dist(z, z).sum().backward()
-    assert torch.isfinite(z.grad).all()
-
-
-@pytest.mark.parametrize("aligned", [True, False])
-def test_local_dist_blocked_equals_unblocked_and_brute_force(aligned):
-    gen = torch.Generator().manual_seed(3)
-    m = 4
-    n = 3 if aligned else 4
-    x = torch.randn(7, m, 5, generator=gen, dtype=torch.float64)
-    y = torch.randn(6, n, 5, generator=gen, dtype=torch.float64)
-    full = local_dist(x, y, block_size=100, aligned=aligned)
-    ref = torch.tensor([[brute_pair_dist(a, b, aligned) for b in y] for a in x],
-                       dtype=torch.float64)
-    assert full.shape == (7, 6)
-    assert torch.allclose(full, ref, atol=1e-9)
-    for block in (1, 2, 3, 7):
-        assert torch.allclose(local_dist(x, y, block_size=block, aligned=aligned), full,
-                              atol=1e-12)
-    # With autograd (a different sweep) the values are the same.
-    with_grad = local_dist(x.requires_grad_(True), y, block_size=3, aligned=aligned)
-    assert with_grad.requires_grad and torch.allclose(with_grad, full, atol=1e-12)
-    x = x.detach()
-    # The paired form agrees with the matrix form on its diagonal.
-    paired = batch_local_dist(x[:6], y, aligned=aligned)
-    assert torch.allclose(paired, full[torch.arange(6), torch.arange(6)], atol=1e-9)
-
-
-def test_local_dist_errors_and_empty():
-    with pytest.raises(ValueError, match="m=3 and n=4"):
-        local_dist(torch.rand(2, 3, 5), torch.rand(2, 4, 5), aligned=False)
-    with pytest.raises(ValueError, match="m=3 and n=4"):
-        batch_local_dist(torch.rand(2, 3, 5), torch.rand(2, 4, 5), aligned=False)
-    with pytest.raises(ValueError):
-        local_dist(torch.rand(2, 3, 5), torch.rand(2, 3, 6))
-    with pytest.raises(ValueError):
-        local_dist(torch.rand(2, 3, 5), torch.rand(2, 3, 5), block_size=0)
-    assert local_dist(torch.rand(0, 3, 5), torch.rand(4, 3, 5)).shape == (0, 4)
-
-
-def test_local_dist_gradcheck():
-    gen = torch.Generator().manual_seed(4)
-    x = torch.randn(3, 3, 4, generator=gen, dtype=torch.float64, requires_grad=True)
-    y = torch.randn(2, 4, 4, generator=gen, dtype=torch.float64, requires_grad=True)
-    assert torch.autograd.gradcheck(lambda a, b: local_dist(a, b, block_size=2), (x, y))
-    assert torch.autograd.gradcheck(lambda a, b: batch_local_dist(a, b), (x[:2], y))
 
 
 def loop_mining(dist, labels):
@@ -275,14 +121,14 @@ def test_compute_losses_terms_weights_and_statistics():
     assert float(res["global_dist_ap"]) == pytest.approx(ap.mean().item())
     # Local loss on the globally mined pairs, by brute force.
     lf = out["local"]
-    l_ap = torch.tensor([brute_pair_dist(lf[i], lf[pi[i]]) for i in range(7)])
-    l_an = torch.tensor([brute_pair_dist(lf[i], lf[ni[i]]) for i in range(7)])
+    l_ap = torch.tensor([brute_local_dist(lf[i], lf[pi[i]]) for i in range(7)])
+    l_an = torch.tensor([brute_local_dist(lf[i], lf[ni[i]]) for i in range(7)])
     assert res["local_loss"].item() == pytest.approx(
         torch.relu(l_ap - l_an + 0.2).mean().item(), abs=1e-9)
     assert float(res["local_dist_ap"]) == pytest.approx(l_ap.mean().item())
     # Own mining uses the full local distance matrix.
     own = compute_losses(out, labels, local_loss_weight=1., local_dist_own_hard_sample=True)
-    full = torch.tensor([[brute_pair_dist(a, b) for b in lf] for a in lf])
+    full = torch.tensor([[brute_local_dist(a, b) for b in lf] for a in lf])
     o_ap, o_an, _, _ = loop_mining(full, labels)
     assert float(own["local_dist_an"]) == pytest.approx(sum(o_an) / 7)
     assert float(own["local_dist_ap"]) == pytest.approx(sum(o_ap) / 7)
@@ -349,17 +195,3 @@ def test_mutual_losses_values():
     assert g.grad is not None and all(v.grad is None for v in partner.values())
 
 
-def test_local_dist_noncontiguous_and_half_inputs():
-    gen = torch.Generator().manual_seed(11)
-    big = torch.randn(5, 4, 12, generator=gen)
-    x = big[:, :, ::2]                              # non-contiguous [5, 4, 6]
-    y = big.flip(0)[:3, :, 1::2]
-    expected = local_dist(x.contiguous(), y.contiguous())
-    assert torch.allclose(local_dist(x, y, block_size=2), expected, atol=1e-5)
-    half = local_dist(x.bfloat16(), y.bfloat16())
-    assert half.dtype == torch.float32
-    assert torch.allclose(half, local_dist(x.bfloat16().float(), y.bfloat16().float()))
-    labels = torch.tensor([0, 0, 1, 1, 1])
-    out = {"global": big[:, 0].bfloat16(), "local": x.bfloat16()}
-    res = compute_losses(out, labels, local_loss_weight=1.)
-    assert res["loss"].dtype == torch.float32 and torch.isfinite(res["loss"])

@@ -9,7 +9,7 @@ from PIL import Image
 from scipy.io import savemat
 
 from aligned_reid.data import parse_im_name, read_partitions
-from script_loader import load_script
+from conftest import load_script
 
 # tiny inputs: the official-count warning is expected (asserted where it matters)
 pytestmark = pytest.mark.filterwarnings('ignore:.*counts differ from the official ones')

@@ -8,7 +8,7 @@ from PIL import Image
 
 from aligned_reid import prepare
 from aligned_reid.data import parse_im_name, read_partitions
-from script_loader import load_script
+from conftest import load_script
 
 
 

@@ -2,7 +2,6 @@
 on hand-built trees with the real naming quirks."""
 import hashlib
 import os
-import pathlib
 import pickle
 import subprocess
 import sys
@@ -14,65 +13,7 @@ from PIL import Image
 
 from aligned_reid import prepare
 from aligned_reid.data import parse_im_name, read_partitions
-from script_loader import load_script
-
-REPO = pathlib.Path(__file__).resolve().parents[1]
-
-
-
-def save_image(path, value):
-    """A tiny JPEG whose colour encodes `value`, so copies can be traced back to their source."""
-    Image.new('RGB', (4, 8), (value % 256, (value // 256) % 256, 7)).save(path, quality=100)
-
-
-def build_market_tree(root):
-    """A Market-1501-like tree: 6 train ids over 3 cameras, 4 test ids, a distractor, junk,
-    gt_bbox for query and non-query pairs, and stray files. Returns {relative path: value}."""
-    top = root / 'Market-1501-v15.09.15'
-    for sub in ('bounding_box_train', 'bounding_box_test', 'query', 'gt_bbox'):
-        (top / sub).mkdir(parents=True)
-    files = {}
-    value = 0
-
-    def add(sub, name):
-        nonlocal value
-        value += 1
-        save_image(top / sub / name, value)
-        files[f'{sub}/{name}'] = value
-
-    for pid in (2, 7, 11, 12, 30, 31):
-        for cam in (1, 2, 3):
-            for j in range(1 + (pid + cam) % 3):
-                add('bounding_box_train', f'{pid:04d}_c{cam}s{cam}_{100 * j + pid:06d}_0{j + 1}.jpg')
-    for pid in (40, 41, 42, 43):
-        for cam in (1, 4, 6):
-            if pid == 43 and cam == 6:
-                continue
-            add('query', f'{pid:04d}_c{cam}s2_{pid:06d}_00.jpg')
-            add('bounding_box_test', f'{pid:04d}_c{cam}s2_{pid + 5:06d}_01.jpg')
-            add('bounding_box_test', f'{pid:04d}_c{cam}s3_{pid + 9:06d}_02.jpg')
-            add('gt_bbox', f'{pid:04d}_c{cam}s2_{pid + 1:06d}_00.jpg')
-        add('gt_bbox', f'{pid:04d}_c5s1_{pid:06d}_00.jpg')  # camera without a query: not used
-    add('gt_bbox', '0002_c1s1_000001_00.jpg')  # a training id: not used
-    for name in ('0000_c1s1_000001_00.jpg', '0000_c3s4_123456_00.jpg', '0000_c6s1_000002_00.jpg'):
-        add('bounding_box_test', name)
-    for name in ('-1_c1s1_000401_03.jpg', '-1_c4s2_000002_01.jpg'):
-        add('bounding_box_test', name)
-    for sub in ('bounding_box_train', 'bounding_box_test', 'query', 'gt_bbox'):
-        (top / sub / 'Thumbs.db').write_bytes(b'\x00junk')
-    (top / 'bounding_box_test' / '._0040_c1s2_000045_01.jpg').write_bytes(b'apple double')
-    (top / 'bounding_box_test' / '.DS_Store').write_bytes(b'x')
-    (top / 'readme.txt').write_text('Market-1501')
-    return files
-
-
-def tree_digest(root):
-    out = {}
-    for p in sorted(pathlib.Path(root).rglob('*')):
-        st = p.lstat()
-        data = hashlib.sha1(p.read_bytes()).hexdigest() if p.is_file() else 'dir'
-        out[str(p.relative_to(root))] = (data, st.st_mode, st.st_mtime_ns if p.is_file() else 0)
-    return out
+from conftest import REPO, build_market_tree, load_script, save_image, tree_digest
 
 
 def expected_from_raw(files):

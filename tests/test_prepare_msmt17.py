@@ -5,7 +5,7 @@ import pytest
 from PIL import Image
 
 from aligned_reid.data import parse_im_name, read_partitions
-from script_loader import load_script
+from conftest import load_script
 
 # tiny inputs: the official-count warning is expected (asserted where it matters)
 pytestmark = pytest.mark.filterwarnings('ignore:.*counts differ from the official ones')

@@ -10,8 +10,7 @@ import pytest
 
 from aligned_reid import prepare
 from aligned_reid.data import read_partitions
-from script_loader import load_script
-from test_prepare_market import REPO, build_market_tree, tree_digest
+from conftest import REPO, build_market_tree, load_script, tree_digest
 
 pytestmark = pytest.mark.filterwarnings('ignore:.*counts differ from the official ones')
 market_script = load_script('data_set', 'market1501_prepare')

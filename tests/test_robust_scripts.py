@@ -1,4 +1,5 @@
-"""Fault injection on training and testing: a full disk during a checkpoint save, temporaries of a killed
+"""Fault injection on training and testing (script/train.py, train_ml.py, test.py and the checkpoint, data
+and logging code under them): a full disk during a checkpoint save, temporaries of a killed
 save, file modes, damaged images, odd flags, a read-only folder, a resumed finished run, test.py's saved
 dataset name, multi-query without multi-query images, a bare state dict. Each checks exit code, message
 and that nothing was lost."""
@@ -16,8 +17,7 @@ import torch
 
 from aligned_reid import checkpoint, cli, data
 from aligned_reid.data import read_partitions, write_partitions
-from script_loader import load_script
-from test_scripts import REPO, TINY, _parse_error, _train, world  # noqa: F401  (world is a fixture)
+from conftest import REPO, TINY, load_script, parse_error, train_in_process
 
 train_script = load_script('script', 'train')
 test_script = load_script('script', 'test')
@@ -136,21 +136,21 @@ def test_other_ranks_log_errors_only(capsys):
     (['--staircase_decay_multiply_factor', '-0.1'], '--staircase_decay_multiply_factor must be positive, got -0.1'),
 ])
 def test_train_flag_values(argv, message, capsys):
-    assert message in _parse_error(train_script, argv, capsys)
+    assert message in parse_error(train_script, argv, capsys)
 
 
 def test_test_flag_values(world, capsys):
     w = ['--test_partitons', world['market'], '--model_weight_file', world['market']]  # any existing file
-    assert '--test_batch_size must be at least 1, got -8' in _parse_error(
+    assert '--test_batch_size must be at least 1, got -8' in parse_error(
         test_script, w + ['--test_batch_size', '-8'], capsys)
-    assert '--resize_h_w must be at least 16 16, got -64 32' in _parse_error(
+    assert '--resize_h_w must be at least 16 16, got -64 32' in parse_error(
         test_script, w + ['--resize_h_w', '-64', '32'], capsys)
-    assert "--device must be 'cpu'" in _parse_error(test_script, w + ['--device', 'tpu'], capsys)
+    assert "--device must be 'cpu'" in parse_error(test_script, w + ['--device', 'tpu'], capsys)
 
 
 def test_ids_per_batch_share_per_process(world, tmp_path, capsys, monkeypatch):
     monkeypatch.setenv('WORLD_SIZE', '2')
-    assert '--ids_per_batch 2 over 2 processes leaves 1 identity per process' in _parse_error(
+    assert '--ids_per_batch 2 over 2 processes leaves 1 identity per process' in parse_error(
         train_script, ['--train_partitons', world['market'], '--exp_dir', str(tmp_path / 'x'), '--ids_per_batch', '2'],
         capsys)
 
@@ -163,13 +163,13 @@ def test_read_only_experiment_folder(world, tmp_path, capsys, monkeypatch):
     monkeypatch.setattr(os, 'access', lambda p, m: False if os.path.abspath(p) == str(ro) and m & os.W_OK
                         else real_access(p, m))
     base = ['--train_partitons', world['market'], '--ids_per_batch', '4']
-    err = _parse_error(train_script, base + ['--exp_dir', str(ro)], capsys)
+    err = parse_error(train_script, base + ['--exp_dir', str(ro)], capsys)
     assert '--exp_dir: {} is not writable (permission denied)'.format(ro) in err
-    err = _parse_error(train_script, base + ['--exp_dir', str(ro / 'run' / 'a')], capsys)
+    err = parse_error(train_script, base + ['--exp_dir', str(ro / 'run' / 'a')], capsys)
     assert '{} is not writable (permission denied) and {} would be created in it'.format(ro, ro / 'run' / 'a') in err
     assert os.listdir(ro) == []
-    err = _parse_error(test_script, ['--test_partitons', world['market'], '--model_weight_file', world['market'],
-                                     '--exp_dir', str(ro)], capsys)
+    err = parse_error(test_script, ['--test_partitons', world['market'], '--model_weight_file', world['market'],
+                                    '--exp_dir', str(ro)], capsys)
     assert '--exp_dir: {} is not writable'.format(ro) in err
 
 
@@ -180,12 +180,12 @@ COMMON = TINY + ['--to_re_rank', 'false']
 
 def test_killed_save_leftover_is_removed_and_reported(world, tmp_path):
     exp = tmp_path / 'run'
-    _train(['--train_partitons', world['market'], '--exp_dir', str(exp), '--total_epochs', '1'] + COMMON)
+    train_in_process(['--train_partitons', world['market'], '--exp_dir', str(exp), '--total_epochs', '1'] + COMMON)
     dead = subprocess.Popen([sys.executable, '-c', 'pass'])
     dead.wait()
     leftover = exp / 'ckpt.pth.tmp.{}'.format(dead.pid)
     leftover.write_bytes(b'\0' * (3 * 2 ** 20))
-    _train(['--exp_dir', str(exp), '--resume', 'true', '--total_epochs', '2', '--workers', '0'])
+    train_in_process(['--exp_dir', str(exp), '--resume', 'true', '--total_epochs', '2', '--workers', '0'])
     log = open(exp / 'train.log').read()
     assert 'removed {} (3.0 MB): the temporary file of a save that was killed midway'.format(leftover) in log
     assert not leftover.exists()
@@ -194,10 +194,10 @@ def test_killed_save_leftover_is_removed_and_reported(world, tmp_path):
 
 def test_resume_of_a_finished_run_says_so_and_changes_nothing(world, tmp_path, capsys):
     exp = tmp_path / 'done'
-    _train(['--train_partitons', world['market'], '--exp_dir', str(exp), '--total_epochs', '1'] + COMMON)
+    train_in_process(['--train_partitons', world['market'], '--exp_dir', str(exp), '--total_epochs', '1'] + COMMON)
     before = {n: (open(exp / n, 'rb').read(), os.stat(exp / n).st_mtime_ns) for n in ('ckpt.pth', 'metrics.json')}
     capsys.readouterr()
-    assert _train(['--exp_dir', str(exp), '--resume', 'true', '--workers', '0']) == []  # no training step
+    assert train_in_process(['--exp_dir', str(exp), '--resume', 'true', '--workers', '0']) == []  # no training step
     out = capsys.readouterr().out
     assert 'is already finished (1 of 1 epochs): nothing to train' in out and '--onlytest true' in out
     assert 'Rank-1' not in out  # no final test
@@ -256,7 +256,7 @@ def test_damaged_image_in_training_and_testing_is_one_line(world, tmp_path):
     assert not os.path.exists(exp / 'ckpt.pth')
 
     good = tmp_path / 'good'
-    _train(['--train_partitons', world['market'], '--exp_dir', str(good), '--total_epochs', '1'] + COMMON)
+    train_in_process(['--train_partitons', world['market'], '--exp_dir', str(good), '--total_epochs', '1'] + COMMON)
     parts, images = _damaged_copy(world, tmp_path / 't', 'test')
     first = read_partitions(parts)['test_im_names'][0]
     r = subprocess.run([sys.executable, 'script/test.py', '--exp_dir', str(good), '--test_partitons', parts,
@@ -274,8 +274,8 @@ def test_damaged_image_in_training_and_testing_is_one_line(world, tmp_path):
 def synthetic_run(world, tmp_path_factory):
     """A one-epoch run trained with --train_dataset synthetic on the tiny market set."""
     exp = tmp_path_factory.mktemp('robust') / 'synthetic_run'
-    _train(['--train_dataset', 'synthetic', '--train_partitons', world['market'], '--exp_dir', str(exp),
-            '--total_epochs', '1', '--final_test', 'false'] + COMMON)
+    train_in_process(['--train_dataset', 'synthetic', '--train_partitons', world['market'], '--exp_dir', str(exp),
+                      '--total_epochs', '1', '--final_test', 'false'] + COMMON)
     return exp
 
 
@@ -297,8 +297,8 @@ def test_test_script_takes_the_dataset_from_the_saved_run(world, synthetic_run, 
 
 
 def test_missing_exp_dir_is_named(tmp_path, capsys, world):
-    err = _parse_error(test_script, ['--exp_dir', str(tmp_path / 'nothing'), '--test_partitons', world['market']],
-                       capsys)
+    err = parse_error(test_script, ['--exp_dir', str(tmp_path / 'nothing'), '--test_partitons', world['market']],
+                      capsys)
     assert '--exp_dir {}: no trained model there'.format(tmp_path / 'nothing') in err
     assert 'no trained model for --train_dataset' not in err
 
@@ -358,6 +358,6 @@ def test_periodic_test_needs_a_split_to_test_on(world, tmp_path, capsys):
     part = read_partitions(world['market'])
     trainval_only = {k: v for k, v in part.items() if k.startswith('trainval') or k in ('format_version', 'dataset')}
     write_partitions(trainval_only, str(tmp_path / 'partitions.pkl'))
-    err = _parse_error(train_script, ['--train_partitons', str(tmp_path / 'partitions.pkl'), '--ids_per_batch', '4',
-                                      '--exp_dir', str(tmp_path / 'x'), '--epochs_per_test', '1'], capsys)
+    err = parse_error(train_script, ['--train_partitons', str(tmp_path / 'partitions.pkl'), '--ids_per_batch', '4',
+                                     '--exp_dir', str(tmp_path / 'x'), '--epochs_per_test', '1'], capsys)
     assert '--epochs_per_test 1: {} has no test split to test on'.format(tmp_path / 'partitions.pkl') in err

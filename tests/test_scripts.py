@@ -1,30 +1,23 @@
-"""End-to-end tests of script/train.py and script/test.py on a tiny synthetic set: the original README's
-commands verbatim, exact resume, signals, non-finite losses, two-process gloo torchrun, bad input."""
+"""End-to-end tests of script/train.py, train_ml.py and test.py on the tiny synthetic sets (conftest's world):
+the original README's commands verbatim, exact resume, signals, non-finite losses, two-process gloo torchrun,
+bad input."""
 import json
 import os
 import re
 import signal
-import socket
 import subprocess
 import sys
-from pathlib import Path
 
 import pytest
 import torch
-import torchvision
 
-from aligned_reid.prepare import prepare_market_layout
-from aligned_reid.synthetic import render_market_tree
 from aligned_reid.loss import compute_losses
-from script_loader import load_script
+from conftest import REPO, TINY, free_port, load_script, parse_error, train_in_process
 
-REPO = Path(__file__).resolve().parents[1]
 SCRIPT = REPO / 'script'
 # Overrides appended to the README's commands: a CPU-sized model and a set with few identities. The
 # default --pretrained true stays: the ImageNet weights come from the torch hub cache of `world`.
 SMALL = ' --base_model resnet18 --resize_h_w 64 32 --total_epochs 1 --ids_per_batch 4 --workers 0'
-TINY = ['--base_model', 'resnet18', '--resize_h_w', '64', '32', '--ids_per_batch', '4', '--ims_per_id', '2',
-        '--pretrained', 'false', '--workers', '0', '--seed', '3', '--device', 'cpu']
 
 # The original README's commands, exactly as written there (the resume command's missing backslash included).
 README_TRAIN = r"""cd AlignedReID/script
@@ -86,36 +79,6 @@ python test.py \
 
 train_script = load_script('script', 'train')
 test_script = load_script('script', 'test')
-
-
-@pytest.fixture(scope='module')
-def world(tmp_path_factory):
-    """A home folder holding two tiny prepared sets at the default places (~/Dataset/market1501 and
-    ~/Dataset/duke), the README's AlignedReID/script folder, and an environment pointing at them."""
-    root = tmp_path_factory.mktemp('scripts')
-    home = root / 'home'
-    for name, seed in (('market1501', 0), ('duke', 1)):
-        raw = root / ('raw_' + name)
-        render_market_tree(str(raw), num_train_ids=10, num_test_ids=6, ims_per_id_cam=2, num_cams=3,
-                           im_size=(64, 32), seed=seed)
-        prepare_market_layout(str(raw), str(home / 'Dataset' / name), dataset=name, num_val_ids=2, verbose=False)
-    script_dir = root / 'AlignedReID' / 'script'
-    script_dir.mkdir(parents=True)
-    for name in ('train.py', 'test.py'):
-        (script_dir / name).symlink_to(SCRIPT / name)
-    # torchvision looks in $TORCH_HOME/hub/checkpoints before it downloads: a (random) resnet18 state
-    # dict under the official file name stands in for the ImageNet weights, no network needed.
-    torch_home = root / 'torch_home'
-    (torch_home / 'hub' / 'checkpoints').mkdir(parents=True)
-    torch.save(torchvision.models.resnet18().state_dict(),
-               torch_home / 'hub' / 'checkpoints' / os.path.basename(
-                   torchvision.models.ResNet18_Weights.IMAGENET1K_V1.url))
-    env = dict(os.environ, HOME=str(home), TORCH_HOME=str(torch_home), PYTHONUNBUFFERED='1',
-               PATH=os.path.dirname(sys.executable) + os.pathsep + os.environ.get('PATH', ''))
-    return {'root': root, 'home': home, 'env': env,
-            'market': str(home / 'Dataset' / 'market1501' / 'partitions.pkl'),
-            'duke': str(home / 'Dataset' / 'duke' / 'partitions.pkl'),
-            'exp': script_dir / 'exp' / 'train' / 'market1501'}
 
 
 def _readme(command, world, append):
@@ -194,22 +157,6 @@ def test_readme_commands_verbatim(world):
     assert not (world['root'] / 'offline_run' / 'ckpt.pth').exists()
 
 
-def _train(argv, compute=None):
-    """Runs train.py's main in this process; returns the per-step losses its loss function produced."""
-    seen = []
-
-    def recording(outputs, labels, **kw):
-        result = (compute or compute_losses)(outputs, labels, **kw)
-        seen.append(float(result['loss'].detach()))
-        return result
-    args = train_script.parse_args(argv)
-    try:
-        train_script.main(args, compute=recording)
-    finally:
-        seen_copy = list(seen)
-    return seen_copy
-
-
 def _weights(path):
     return torch.load(str(path), map_location='cpu', weights_only=False)['model']
 
@@ -222,12 +169,13 @@ def test_resume_is_exact(world, tmp_path, pipeline):
     common = ['--train_partitons', world['market'], '--to_re_rank', 'false', '-llw', '1', '--crop_prob', '0.5',
               '--crop_ratio', '0.8', '--random_erasing', '0.5', '--train_pipeline', pipeline] + TINY
     workers = lambda n: ['--workers', str(n)]
-    straight = _train(common + ['--exp_dir', str(tmp_path / 'a'), '--total_epochs', '2'])
+    straight = train_in_process(common + ['--exp_dir', str(tmp_path / 'a'), '--total_epochs', '2'])
     assert len(straight) == 2 * 2  # 10 identities, 4 per batch: 2 steps per epoch
 
     # stopped after epoch 1 with two workers, resumed with one
-    first = _train(common + ['--exp_dir', str(tmp_path / 'b'), '--total_epochs', '1'] + workers(2))
-    rest = _train(common + ['--exp_dir', str(tmp_path / 'b'), '--total_epochs', '2', '--resume', 'true'] + workers(1))
+    first = train_in_process(common + ['--exp_dir', str(tmp_path / 'b'), '--total_epochs', '1'] + workers(2))
+    rest = train_in_process(common + ['--exp_dir', str(tmp_path / 'b'), '--total_epochs', '2', '--resume', 'true']
+                            + workers(1))
     assert first + rest == straight
 
     # SIGTERM in the middle of epoch 2 with two workers: the step finishes, the checkpoint is saved, the run
@@ -240,11 +188,12 @@ def test_resume_is_exact(world, tmp_path, pipeline):
             os.kill(os.getpid(), signal.SIGTERM)
         return compute_losses(outputs, labels, **kw)
     with pytest.raises(SystemExit) as stopped:
-        _train(common + ['--exp_dir', str(tmp_path / 'c'), '--total_epochs', '2'] + workers(2), compute=signalling)
+        train_in_process(common + ['--exp_dir', str(tmp_path / 'c'), '--total_epochs', '2'] + workers(2),
+                         compute=signalling)
     assert stopped.value.code == 128 + signal.SIGTERM
     state = torch.load(str(tmp_path / 'c' / 'ckpt.pth'), map_location='cpu', weights_only=False)
     assert (state['epoch'], state['step_in_epoch']) == (1, 1)
-    _train(common + ['--exp_dir', str(tmp_path / 'c'), '--resume', 'true'] + workers(1))
+    train_in_process(common + ['--exp_dir', str(tmp_path / 'c'), '--resume', 'true'] + workers(1))
 
     a = _weights(tmp_path / 'a' / 'ckpt.pth')
     for run in ('b', 'c'):
@@ -294,8 +243,8 @@ def test_non_finite_loss_stops_and_keeps_checkpoint(world, tmp_path):
         return result
     exp = tmp_path / 'nan'
     with pytest.raises(SystemExit) as e:
-        _train(['--train_partitons', world['market'], '--exp_dir', str(exp), '--total_epochs', '3'] + TINY,
-               compute=poisoned)
+        train_in_process(['--train_partitons', world['market'], '--exp_dir', str(exp), '--total_epochs', '3'] + TINY,
+                         compute=poisoned)
     assert 'global_loss' in str(e.value.code) and 'epoch 2 step 2' in str(e.value.code)
     assert _epoch(exp / 'ckpt.pth') == 1
     assert 'non-finite loss: global_loss' in open(exp / 'train.log').read()
@@ -309,8 +258,9 @@ def test_deterministic_run_on_the_cpu(world, tmp_path):
         seen.append(torch.are_deterministic_algorithms_enabled())
         return compute_losses(outputs, labels, **kw)
     try:
-        _train(['--train_partitons', world['market'], '--exp_dir', str(tmp_path / 'det'), '--total_epochs', '1',
-                '--deterministic', 'true', '--final_test', 'false'] + TINY, compute=recording)
+        train_in_process(['--train_partitons', world['market'], '--exp_dir', str(tmp_path / 'det'),
+                          '--total_epochs', '1', '--deterministic', 'true', '--final_test', 'false'] + TINY,
+                         compute=recording)
     finally:
         engine.configure_determinism(False)
     assert seen == [True, True]
@@ -324,10 +274,10 @@ def test_resume_is_exact_on_cuda_with_deterministic(world, tmp_path, pipeline):
               '--crop_ratio', '0.8', '--random_erasing', '0.5', '--train_pipeline', pipeline,
               '--deterministic', 'true'] + TINY + ['--device', 'cuda', '--workers', '2']
     try:
-        straight = _train(common + ['--exp_dir', str(tmp_path / 'a'), '--total_epochs', '2'])
-        first = _train(common + ['--exp_dir', str(tmp_path / 'b'), '--total_epochs', '1'])
-        rest = _train(common + ['--exp_dir', str(tmp_path / 'b'), '--total_epochs', '2', '--resume', 'true',
-                                '--workers', '1'])
+        straight = train_in_process(common + ['--exp_dir', str(tmp_path / 'a'), '--total_epochs', '2'])
+        first = train_in_process(common + ['--exp_dir', str(tmp_path / 'b'), '--total_epochs', '1'])
+        rest = train_in_process(common + ['--exp_dir', str(tmp_path / 'b'), '--total_epochs', '2', '--resume',
+                                          'true', '--workers', '1'])
     finally:
         engine.configure_determinism(False)
     assert first + rest == straight
@@ -335,16 +285,10 @@ def test_resume_is_exact_on_cuda_with_deterministic(world, tmp_path, pipeline):
     assert all(torch.equal(a[k], b[k]) for k in a)
 
 
-def _free_port():
-    with socket.socket() as s:
-        s.bind(('127.0.0.1', 0))
-        return s.getsockname()[1]
-
-
 def test_torchrun_two_processes_gloo(world, tmp_path):
     exp = tmp_path / 'ddp'
     r = subprocess.run([sys.executable, '-m', 'torch.distributed.run', '--nproc_per_node=2',
-                        '--master_port={}'.format(_free_port()), 'script/train.py', '--train_partitons', world['market'],
+                        '--master_port={}'.format(free_port()), 'script/train.py', '--train_partitons', world['market'],
                         '--exp_dir', str(exp), '--total_epochs', '1', '--to_re_rank', 'false'] + TINY,
                        cwd=str(REPO), env=dict(world['env'], OMP_NUM_THREADS='1'), capture_output=True, text=True,
                        timeout=300)
@@ -356,13 +300,6 @@ def test_torchrun_two_processes_gloo(world, tmp_path):
     assert os.path.isfile(exp / 'metrics.json')
 
 
-def _parse_error(module, argv, capsys):
-    with pytest.raises(SystemExit) as e:
-        module.parse_args(argv)
-    assert e.value.code == 2
-    return capsys.readouterr().err
-
-
 @pytest.mark.parametrize('argv,message', [
     (['--train_dataset', 'nowhere'], "--train_dataset 'nowhere' is unknown"),
     (['--train_partitons', 'missing/partitions.pkl'], '--train_partitons: partitions file not found'),
@@ -372,43 +309,43 @@ def _parse_error(module, argv, capsys):
     (['--lr_decay_type', 'cosine'], 'argument --lr_decay_type: invalid choice'),
 ])
 def test_train_bad_flags(argv, message, capsys):
-    assert message in _parse_error(train_script, argv, capsys)
+    assert message in parse_error(train_script, argv, capsys)
 
 
 def test_train_bad_combinations(world, tmp_path, capsys):
     base = ['--train_partitons', world['market'], '--exp_dir', str(tmp_path / 'none')]
-    assert '--ids_per_batch 32 exceeds the 10 identities' in _parse_error(train_script, base, capsys)
-    assert '--ims_per_id must be at least 2' in _parse_error(
+    assert '--ids_per_batch 32 exceeds the 10 identities' in parse_error(train_script, base, capsys)
+    assert '--ims_per_id must be at least 2' in parse_error(
         train_script, base + ['--ids_per_batch', '4', '--ims_per_id', '1'], capsys)
-    assert '-glw, -llw and -idlw are all 0' in _parse_error(
+    assert '-glw, -llw and -idlw are all 0' in parse_error(
         train_script, base + ['--ids_per_batch', '4', '-glw', '0'], capsys)
-    assert '--resume true: no checkpoint at' in _parse_error(train_script, base + ['--resume', 'true'], capsys)
-    assert '--pretrained_path: file not found' in _parse_error(
+    assert '--resume true: no checkpoint at' in parse_error(train_script, base + ['--resume', 'true'], capsys)
+    assert '--pretrained_path: file not found' in parse_error(
         train_script, base + ['--ids_per_batch', '4', '--pretrained_path', 'nope.pth'], capsys)
     if not torch.cuda.is_available():
-        assert '--device cuda' in _parse_error(train_script, base + ['--ids_per_batch', '4', '--device', 'cuda'],
-                                               capsys)
+        assert '--device cuda' in parse_error(train_script, base + ['--ids_per_batch', '4', '--device', 'cuda'],
+                                              capsys)
     bad = tmp_path / 'bad.pkl'
     bad.write_bytes(b'not a pickle')
-    assert '--train_partitons {}'.format(bad) in _parse_error(
+    assert '--train_partitons {}'.format(bad) in parse_error(
         train_script, ['--train_partitons', str(bad), '--exp_dir', str(tmp_path / 'none')], capsys)
 
 
 def test_test_script_bad_input(world, tmp_path, capsys):
     none = str(tmp_path / 'none')
-    assert '--exp_dir {}: no trained model there'.format(none) in _parse_error(
+    assert '--exp_dir {}: no trained model there'.format(none) in parse_error(
         test_script, ['--exp_dir', none, '--test_partitons', world['market']], capsys)
-    assert 'no trained model for --train_dataset duke' in _parse_error(
+    assert 'no trained model for --train_dataset duke' in parse_error(
         test_script, ['--train_dataset', 'duke', '--test_partitons', world['market']], capsys)
-    assert '--model_weight_file: file not found' in _parse_error(
+    assert '--model_weight_file: file not found' in parse_error(
         test_script, ['--model_weight_file', 'nope.pth', '--test_partitons', world['market']], capsys)
     weights = tmp_path / 'w.pth'
     torch.save({'x': torch.zeros(1)}, str(weights))
-    assert '--test_partitons: partitions file not found' in _parse_error(
+    assert '--test_partitons: partitions file not found' in parse_error(
         test_script, ['--model_weight_file', str(weights), '--test_partitons', 'missing.pkl'], capsys)
-    assert "--test_dataset 'elsewhere' is unknown" in _parse_error(
+    assert "--test_dataset 'elsewhere' is unknown" in parse_error(
         test_script, ['--model_weight_file', str(weights), '--test_dataset', 'elsewhere'], capsys)
-    assert 'argument --test_distance: invalid choice' in _parse_error(test_script, ['--test_distance', 'l1'], capsys)
+    assert 'argument --test_distance: invalid choice' in parse_error(test_script, ['--test_distance', 'l1'], capsys)
     args = test_script.parse_args(['--model_weight_file', str(weights), '--test_partitons', world['market'],
                                    '--exp_dir', none, '--base_model', 'resnet18'])
     with pytest.raises(ValueError, match='keys describe no supported backbone'):
@@ -431,14 +368,6 @@ def test_train_ml_one_epoch(world, tmp_path):
                         '--exp_dir', str(tmp_path / 'none')] + TINY, cwd=str(REPO), env=world['env'],
                        capture_output=True, text=True, timeout=300)
     assert r.returncode == 2 and '-pmlw 1.0 needs the classifier: give -idlw > 0' in r.stderr
-
-
-def test_amp_is_a_warned_no_op_on_cpu():
-    from aligned_reid import cli, engine
-    logger = cli.setup_logging(None, name='test_scripts_amp')
-    with pytest.warns(UserWarning, match='--amp has no effect on the CPU'):
-        assert engine.amp_settings(True, torch.device('cpu'), logger) == (None, [None])
-    assert engine.amp_settings(False, torch.device('cpu'), logger, num_models=2) == (None, [None, None])
 
 
 def test_help_states_every_default():

@@ -12,7 +12,7 @@ from PIL import Image
 from aligned_reid.data import parse_im_name, read_partitions, validate_partitions
 from aligned_reid.synthetic import (DETECTOR, SUBDIRS, box_iou, make_camera, make_identity,
                                     render_image, render_market_tree, sample_box)
-from script_loader import load_script
+from conftest import load_script
 
 MARKET_RE = re.compile(r'^(-1|\d{4})_c(\d)s(\d)_(\d{6})_(\d{2})\.jpg$')
 SMALL = dict(num_train_ids=5, num_test_ids=6, ims_per_id_cam=2, num_cams=4, im_size=(48, 24))

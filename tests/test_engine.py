@@ -1,6 +1,9 @@
-"""Tests of aligned_reid.engine's train_one_epoch on the CPU with a tiny model: one device-to-host read per
-step (statistics stay on the device), and a non-finite loss stops the run before the update that would
-use it."""
+"""Tests of aligned_reid.engine on the CPU: train_one_epoch with a tiny model (one device-to-host read per
+step, statistics stay on the device; a non-finite loss stops the run before the update that would use it),
+seeding, the exp and staircase learning-rate schedules, and AMP on the CPU."""
+import math
+
+import numpy as np
 import pytest
 import torch
 import torch.nn as nn
@@ -99,3 +102,53 @@ def test_non_finite_loss_stops_before_the_update():
         engine.train_one_epoch([model], Batches(), [opt], [None], torch.device('cpu'), 2, one_model(poisoned))
     assert not all(torch.equal(seen[1][k], seen[2][k]) for k in seen[1])   # step 2 did update
     assert all(torch.equal(v, seen[2][k]) for k, v in model.state_dict().items())   # step 3 did not
+
+
+# ----------------------------------------------------------------------------- seeding, lr schedules, AMP
+
+def test_set_seed_reproducible():
+    engine.set_seed(11)
+    x = torch.randn(4)
+    engine.set_seed(11)
+    assert torch.equal(x, torch.randn(4))
+
+
+def test_exp_schedule_original_figures():
+    base = 2e-4
+    for ep in (1, 50, 150):
+        assert engine.lr_at_epoch('exp', base, ep, 300, exp_decay_at_epoch=151) == base
+    # reaches 1e-3 x base at the last epoch, strictly decreasing in between
+    assert math.isclose(engine.lr_at_epoch('exp', base, 300, 300, exp_decay_at_epoch=151), base * 1e-3)
+    lrs = [engine.lr_at_epoch('exp', base, ep, 300, exp_decay_at_epoch=151) for ep in range(150, 301)]
+    assert all(b < a for a, b in zip(lrs, lrs[1:]))
+    # brute-force reference of the formula
+    ep = 200
+    ref = base * 0.001 ** ((ep + 1 - 151) / (300 + 1 - 151))
+    assert math.isclose(engine.lr_at_epoch('exp', base, ep, 300, exp_decay_at_epoch=151), ref)
+
+
+def test_staircase_schedule():
+    base = 1.0
+    got = [engine.lr_at_epoch('staircase', base, ep, 10, staircase_decay_at_epochs=(4, 8),
+                             staircase_decay_multiply_factor=0.1) for ep in range(1, 11)]
+    want = [1, 1, 1, .1, .1, .1, .1, .01, .01, .01]
+    assert np.allclose(got, want)
+
+
+def test_unknown_schedule():
+    with pytest.raises(ValueError, match='staircase'):
+        engine.lr_at_epoch('cosine', 1., 1, 10)
+
+
+def test_set_lr():
+    opt = torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=1.)
+    engine.set_lr(opt, 0.25)
+    assert opt.param_groups[0]['lr'] == 0.25
+
+
+def test_amp_is_a_warned_no_op_on_cpu():
+    from aligned_reid import cli, engine
+    logger = cli.setup_logging(None, name='test_scripts_amp')
+    with pytest.warns(UserWarning, match='--amp has no effect on the CPU'):
+        assert engine.amp_settings(True, torch.device('cpu'), logger) == (None, [None])
+    assert engine.amp_settings(False, torch.device('cpu'), logger, num_models=2) == (None, [None, None])
