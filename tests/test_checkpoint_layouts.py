@@ -7,9 +7,7 @@ import pytest
 import torch
 
 from aligned_reid import checkpoint
-from aligned_reid.prepare import prepare_market_layout
-from aligned_reid.synthetic import render_market_tree
-from script_loader import load_script
+from conftest import load_script
 
 train_script = load_script('script', 'train')
 train_ml_script = load_script('script', 'train_ml')
@@ -20,13 +18,9 @@ TINY = ['--base_model', 'resnet18', '--resize_h_w', '64', '32', '--ids_per_batch
 pytestmark = pytest.mark.usefixtures('one_torch_thread')
 
 
-@pytest.fixture(scope='module')
-def partitions(tmp_path_factory):
-    root = tmp_path_factory.mktemp('layouts')
-    render_market_tree(str(root / 'raw'), num_train_ids=8, num_test_ids=4, ims_per_id_cam=2, num_cams=2,
-                       im_size=(64, 32), seed=0)
-    prepare_market_layout(str(root / 'raw'), str(root / 'set'), dataset='synthetic', num_val_ids=0, verbose=False)
-    return str(root / 'set' / 'partitions.pkl')
+@pytest.fixture
+def partitions(market_with_raw):
+    return market_with_raw['partitions']
 
 
 def _load(path):

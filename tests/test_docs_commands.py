@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from script_loader import load_script
+from conftest import load_script
 
 REPO = Path(__file__).resolve().parents[1]
 PAGES = [REPO / 'README.md', REPO / 'data_set' / 'README.md'] + sorted((REPO / 'docs').glob('*.md'))
