@@ -381,28 +381,33 @@ def load_into(model, state, source, layout, classifier='drop'):
     """Loads a converted state dict into `model` with no silent partial load: a missing or unexpected
     key, or a shape that differs, raises CheckpointError naming the keys and the layout. Exact,
     documented exceptions: num_batches_tracked absent from files of torch < 0.4.1 keeps the model's
-    (unused in eval mode and with a set momentum); classifier='drop' ignores 'classifier.*' of the
-    file (testing needs no ID classifier); classifier='new' also lets a model's classifier keep its
-    initialisation when the file's has another number of classes or none (a new training set).
-    Returns a list of notes on what was left as is."""
+    (unused in eval mode and with a set momentum); an ID classifier ('classifier.*') of the file is
+    dropped when the model has none (testing, or training without the ID loss: every file of the older
+    reproduction carries its 'fc.*' one); classifier='new' also lets a model's classifier keep its
+    initialisation when the file's has another number of classes or none (a new training set), and
+    keeps the file's when it fits. `model` may live on the meta device with `state` from meta_state: a
+    dry run that checks everything without the data. Returns a list of notes on what was dropped, kept
+    or left as is."""
     own = model.state_dict()
     notes = []
     state = OrderedDict(state)
     file_cls = {k: v for k, v in state.items() if k.startswith('classifier.')}
     own_cls = {k for k in own if k.startswith('classifier.')}
-    if file_cls and (classifier == 'drop' and not own_cls):
+    file_classes = file_cls['classifier.weight'].shape[0] if 'classifier.weight' in file_cls else None
+    if file_cls and not own_cls:
         for k in file_cls:
             del state[k]
-        notes.append('ID classifier of the file not used')
-    elif own_cls and classifier == 'new' and (
-            not file_cls or any(k not in file_cls or file_cls[k].shape != own[k].shape for k in own_cls)):
-        for k in file_cls:
-            del state[k]
-        for k in own_cls:
-            state[k] = own[k]
-        notes.append('ID classifier initialised anew ({} classes in the file, {} here)'.format(
-            file_cls['classifier.weight'].shape[0] if 'classifier.weight' in file_cls else 'none',
-            own['classifier.weight'].shape[0]))
+        notes.append('ID classifier of the file ({} classes) dropped: the model has none'.format(file_classes))
+    elif own_cls and classifier == 'new':
+        if not file_cls or any(k not in file_cls or file_cls[k].shape != own[k].shape for k in own_cls):
+            for k in file_cls:
+                del state[k]
+            for k in own_cls:
+                state[k] = own[k]
+            notes.append('ID classifier initialised anew ({} classes in the file, {} here)'.format(
+                file_classes or 'none', own['classifier.weight'].shape[0]))
+        else:
+            notes.append('ID classifier of the file kept ({} classes)'.format(file_classes))
     for k in own:
         if k.endswith('num_batches_tracked') and k not in state:
             state[k] = own[k]
@@ -433,6 +438,24 @@ def load_into(model, state, source, layout, classifier='drop'):
     return notes
 
 
+def meta_state(state):
+    """`state` with every tensor replaced by a meta tensor of its shape and dtype: loaded into a Model built
+    on the meta device (load_into, Model.load_backbone_state) it is checked key by key and shape by shape
+    exactly as the real tensors would be, with nothing copied (the flag checks refuse weights that do not
+    fit before a run writes anything)."""
+    return OrderedDict((k, v.to('meta') if torch.is_tensor(v) else v) for k, v in state.items())
+
+
+def models_to_load(num_models, file_models, model_index=1, own_run=False, index_given=False):
+    """Which model of a file (1-based) each of `num_models` models loads: model i its model i when the file
+    is the run's own (resumed or tested: own_run) or, to start from, holds as many models and no model index
+    is given (mutual learning goes on from both, not from two copies of one); else every model the file's
+    model `model_index`."""
+    if num_models > 1 and (own_run or (file_models == num_models and not index_given)):
+        return list(range(1, num_models + 1))
+    return [model_index] * num_models
+
+
 def _describe_model(model):
     n_cls = model.classifier.out_features if getattr(model, 'classifier', None) is not None else None
     return '{} with {}-channel local features{}'.format(
@@ -444,7 +467,8 @@ def read_checkpoint(path, model_index=1, obj=None):
     """Reads and recognises a whole-model file. Returns a dict: 'object' (what the file holds), 'state'
     (converted state dict, classifier as 'classifier.*'), 'args' (saved train.py arguments or {}),
     'layout', 'epoch', 'older' (from the older reproduction), 'notes' (conversions made),
-    'base_model', 'local_conv_out_channels' (inferred from the weights). `obj`: what the file holds, when
+    'base_model', 'local_conv_out_channels' (inferred from the weights), 'index' (model_index) and
+    'num_models' (how many models the file holds). `obj`: what the file holds, when
     it was read already (model 2 of a file whose model 1 was read), so no file is read twice."""
     obj = load_file(path) if obj is None else obj
     sd, args, layout, epoch, older = recognise(obj, path, model_index)
@@ -458,7 +482,18 @@ def read_checkpoint(path, model_index=1, obj=None):
         layout = "the older reproduction's model weights ({})".format(layout)
     base, channels = infer_architecture(state, path, layout)
     return dict(object=obj, state=state, args=args, layout=layout, epoch=epoch, older=older, notes=notes,
-                base_model=base, local_conv_out_channels=channels)
+                base_model=base, local_conv_out_channels=channels, index=model_index,
+                num_models=count_models(obj))
+
+
+def count_models(obj):
+    """How many models a file object that recognise reads holds (2 for train_ml.py's and the older
+    reproduction's mutual-learning checkpoints)."""
+    if isinstance(obj, dict) and _is_state_dict(obj.get('model')):
+        return len(obj['models']) if isinstance(obj.get('models'), list) and obj['models'] else 1
+    if isinstance(obj, dict) and isinstance(obj.get('state_dicts'), (list, tuple)):
+        return sum(1 for sd in obj['state_dicts'] if _is_state_dict(sd))
+    return 1
 
 
 def resolve_config(ckpt, overrides=None, path=''):

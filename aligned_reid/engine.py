@@ -209,27 +209,33 @@ def loss_kwargs(args):
 
 def start_from_file(args, models, optimizers, scalers, run):
     """Loads the weights of args.model_file into the models (the checkpoint resumed or tested, or
-    --model_weight_file to start from), read once (args.start holds it when the flag checks read it) and
-    checked key by key by aligned_reid.checkpoint.load_into; with --resume, also the optimizer, scaler and
-    RNG states and the progress. A file that does not fit stops the run with one line. Returns the
-    Progress to start from, or None when a resumed run is already finished."""
+    --model_weight_file to start from), read once (args.start holds it when the flag checks read it, and
+    checked there that it fits) and checked key by key by aligned_reid.checkpoint.load_into: a classifier
+    the models lack is dropped, one of another class count initialised anew, each with a log line. Model
+    i loads the file's model i when it is the run's own or holds as many models (checkpoint.models_to_load),
+    else every model loads --model_index. Logs the input normalisation and where it comes from. With
+    --resume, also the optimizer, scaler and RNG states and the progress. A file that does not fit stops
+    the run with one line. Returns the Progress to start from, or None when a resumed run is already
+    finished."""
     progress = Progress(0, 0, None)
     if not args.model_file:
+        log_normalisation(run.logger, args, None)
         return progress
     logger, path = run.logger, args.model_file
     tested_or_resumed = args.resume or args.onlytest
     info = args.start or checkpoint.read_checkpoint(path, args.model_index)
     args.start = None  # the file's tensors are not kept beyond this
+    first = info
     try:
-        for i, model in enumerate(models):
-            # model i of a mutual-learning file for model i here; a file to start from gives every model
-            # its --model_index model
-            index = i + 1 if tested_or_resumed and len(models) > 1 else args.model_index
-            if index != info.get('index', args.model_index):
-                info = dict(checkpoint.read_checkpoint(path, index, obj=info['object']), index=index)
+        indices = info.get('indices') or checkpoint.models_to_load(len(models), info['num_models'], args.model_index,
+                                                                   own_run=tested_or_resumed)
+        for model, index in zip(models, indices):
+            if index != info['index']:
+                info = checkpoint.read_checkpoint(path, index, obj=info['object'])
             notes = checkpoint.load_into(model, info['state'], path, info['layout'],
                                          classifier='drop' if tested_or_resumed else 'new')
             logger.info('weights from %s (%s)%s', path, info['layout'], ''.join('; ' + n for n in info['notes'] + notes))
+        log_normalisation(logger, args, first)
         if not args.resume:
             return progress
         state = checkpoint.resume_state(info['object'])
@@ -257,6 +263,21 @@ def start_from_file(args, models, optimizers, scalers, run):
                     args.total_epochs)
         return None
     return progress
+
+
+def log_normalisation(logger, args, info):
+    """One line: the input normalisation of the run, and whether it is the one the weights it starts from
+    (`info`: the file read, or None) were trained with, the one given with --mean / --std, or ImageNet's."""
+    own = checkpoint.resolve_config(info) if info is not None else None
+    if own is not None and [args.mean, args.std] == [own['mean'], own['std']]:
+        source = "the weights' own, as they were trained"
+    elif own is not None:
+        source = '--mean / --std; the weights were trained with mean {} std {}'.format(own['mean'], own['std'])
+    elif [list(args.mean), list(args.std)] == [list(data.IMAGENET_MEAN), list(data.IMAGENET_STD)]:
+        source = "ImageNet's"
+    else:
+        source = '--mean / --std'
+    logger.info('input normalisation: mean %s std %s (%s)', list(args.mean), list(args.std), source)
 
 
 # ----------------------------------------------------------------------------- one epoch

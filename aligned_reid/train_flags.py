@@ -4,9 +4,11 @@ restore the run's saved arguments from its checkpoint, read once."""
 import argparse
 import os
 
+import torch
+
 from aligned_reid import checkpoint, cli, data
 from aligned_reid.cli import OldFlag, boolean, ints
-from aligned_reid.model import BACKBONES
+from aligned_reid.model import BACKBONES, Model
 
 NUM_MODELS = 2  # models of mutual learning (train_ml.py)
 
@@ -30,6 +32,14 @@ def build_parser(description, mutual=False):
     d.add_argument('--resize_h_w', type=ints, nargs='+', default=[256, 128], metavar='SIZE',
                    help="input height and width: two integers, or the older reproduction's tuple '(256,128)'. "
                         'Default: 256 128')
+    d.add_argument('--mean', type=float, nargs=3, default=None, metavar=('R', 'G', 'B'),
+                   help='per-channel mean of the input normalisation (of images scaled to [0, 1]), saved with the '
+                        'run. Default: the one the weights were trained with when starting from a file '
+                        "(--model_weight_file, --resume, --onlytest; the older reproduction's 0.486 0.459 0.408), "
+                        "else ImageNet's 0.485 0.456 0.406")
+    d.add_argument('--std', type=float, nargs=3, default=None, metavar=('R', 'G', 'B'),
+                   help='per-channel standard deviation of the input normalisation, saved with the run. Default: '
+                        "as --mean, the weights' own, else ImageNet's 0.229 0.224 0.225")
     d.add_argument('--crop_prob', type=float, default=0., help='probability of a random crop. Default: 0')
     d.add_argument('--crop_ratio', type=float, default=1., help='side ratio of the random crop. Default: 1')
     d.add_argument('--random_erasing', type=float, default=0.,
@@ -173,10 +183,10 @@ NOT_RESTORED = ('resume', 'onlytest', 'exp_dir', 'device', 'workers', 'model_wei
 ARCH_FLAGS = ('base_model', 'local_conv_out_channels')
 
 
-def read_model_file(parser, flag, path, model_index):
+def read_model_file(parser, flag, path, model_index, obj=None):
     """aligned_reid.checkpoint.read_checkpoint, with a failure turned into one line naming the flag."""
     try:
-        return checkpoint.read_checkpoint(path, model_index)
+        return checkpoint.read_checkpoint(path, model_index, obj=obj)
     except (ValueError, OSError) as e:
         parser.error('{}: {}'.format(flag, e))
 
@@ -206,7 +216,7 @@ def restore_saved_args(parser, args, explicit):
         parser.error('{} true: no checkpoint at {} (train first, or point --exp_dir / --train_dataset at '
                      'the run)'.format(flag, ckpt))
     info = read_model_file(parser, flag, ckpt, args.model_index)
-    info['path'] = ckpt
+    info['path'], info['flag'] = ckpt, flag
     if args.resume and not info['args']:
         parser.error('--resume true: {} is {}: it holds no saved arguments nor optimizer and RNG states of this '
                      'code, so it cannot be resumed exactly; test it with --onlytest true, or start a new run '
@@ -220,11 +230,59 @@ def restore_saved_args(parser, args, explicit):
         parser.error('--last_stride {}: the run in {} was trained with --last_stride {}; drop the flag'.format(
             args.last_stride, exp_dir, info['args'].get('last_stride', 2)))
     fit_architecture(parser, args, explicit, info, flag)
-    cfg = checkpoint.resolve_config(info)
-    args.mean, args.std = cfg['mean'], cfg['std']
     args.model_file, args.start = ckpt, info
     args.exp_dir = exp_dir
     return args
+
+
+NORMALISATION = ('mean', 'std')
+
+
+def set_normalisation(parser, args, info, given):
+    """args.mean / args.std: those given (--mean / --std), else the ones the weights to start from were
+    trained with (`info`: the file read; aligned_reid.checkpoint.resolve_config: a run's saved ones, the older
+    reproduction's own), else ImageNet's. Starting from weights must not silently change the input they
+    expect; engine.start_from_file logs which it is."""
+    for k, v in given.items():
+        if k == 'std' and min(v) <= 0:
+            parser.error('--std must be positive, got {}'.format(' '.join(map(str, v))))
+    if info is None:
+        args.mean = list(given.get('mean', data.IMAGENET_MEAN))
+        args.std = list(given.get('std', data.IMAGENET_STD))
+    else:
+        cfg = checkpoint.resolve_config(info, given)
+        args.mean, args.std = cfg['mean'], cfg['std']
+
+
+def check_weights_fit(parser, args, explicit, num_classes, num_models):
+    """Loads what the run will load into models built on the meta device, by the code that loads them later
+    (checkpoint.load_into, Model.load_backbone_state) but with no data copied: the weights to start from or
+    resume (args.start, model by model: checkpoint.models_to_load, kept in args.start['indices'] for
+    engine.start_from_file), or else the --pretrained_path backbone. Weights that do not fit the model the
+    flags describe stop here with one line naming the flag, before anything is written."""
+    with torch.device('meta'):
+        model = Model(base=args.base_model, last_stride=args.last_stride,
+                      local_conv_out_channels=args.local_conv_out_channels,
+                      num_classes=num_classes if args.id_loss_weight > 0 else None, pretrained=False)
+    info = args.start
+    if info is not None:
+        own_run = bool(args.resume or args.onlytest)
+        info['indices'] = checkpoint.models_to_load(num_models, info['num_models'], args.model_index, own_run,
+                                                    index_given='model_index' in explicit)
+        for index in sorted(set(info['indices'])):
+            ckpt = info if index == info['index'] else read_model_file(parser, info['flag'], info['path'], index,
+                                                                       obj=info['object'])
+            try:
+                checkpoint.load_into(model, checkpoint.meta_state(ckpt['state']), info['path'], ckpt['layout'],
+                                     classifier='drop' if own_run else 'new')
+            except ValueError as e:
+                parser.error('{}: {}'.format(info['flag'], e))
+    elif args.pretrained_path is not None:
+        try:
+            state, layout = checkpoint.backbone_state(args.pretrained_path)
+            model.load_backbone_state(checkpoint.meta_state(state), '{} ({})'.format(args.pretrained_path, layout))
+        except (ValueError, OSError) as e:
+            parser.error('--pretrained_path: {}'.format(e))
 
 
 def check_args(parser, args, explicit=(), mutual=False):
@@ -243,17 +301,17 @@ def check_args(parser, args, explicit=(), mutual=False):
         parser.error('--model_index must be at least 1 (models are counted from 1), got {}'.format(args.model_index))
     if args.set_seed and 'seed' not in explicit:
         args.seed = 1
-    # The normalisation the weights are trained and tested with, saved with them (the older reproduction's
-    # differs; restore_saved_args takes a checkpoint's).
-    args.mean, args.std = list(data.IMAGENET_MEAN), list(data.IMAGENET_STD)
+    given = {k: [float(v) for v in getattr(args, k)] for k in NORMALISATION if getattr(args, k) is not None}
     args.model_file, args.start = None, None
     if args.resume or args.onlytest:
         restore_saved_args(parser, args, explicit)
     elif args.model_weight_file is not None:
         info = read_model_file(parser, '--model_weight_file', args.model_weight_file, args.model_index)
-        info['path'] = args.model_weight_file
+        info['path'], info['flag'] = args.model_weight_file, '--model_weight_file'
         fit_architecture(parser, args, explicit, info, '--model_weight_file')
         args.model_file, args.start = os.path.abspath(args.model_weight_file), info
+    # The normalisation the weights are trained and tested with, saved with them.
+    set_normalisation(parser, args, args.start, given)
     if args.train_partitions is None and args.train_dataset not in cli.DATASET_DIRS:
         parser.error('--train_dataset {!r} is unknown: choose one of {} or give --train_partitons'.format(
             args.train_dataset, ', '.join(cli.DATASET_DIRS)))
@@ -321,6 +379,7 @@ def check_args(parser, args, explicit=(), mutual=False):
         parser.error('--exp_dir: {}; give another --exp_dir'.format(problem))
     if mutual:
         check_mutual_args(parser, args)
+    check_weights_fit(parser, args, explicit, num_ids, NUM_MODELS if mutual else 1)
     return args
 
 

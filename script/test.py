@@ -12,6 +12,32 @@ from aligned_reid.cli import OldFlag, boolean
 DISTANCES = {'global': ('global',), 'local': ('local',), 'global_local': ('global_local',),
              'all': ('global', 'local', 'global_local')}
 MODEL_FLAGS = checkpoint.MODEL_FLAGS
+# train.py's flags that a test command may carry over (the older reproduction's too), and what test.py uses instead
+TRAINING_FLAGS = {
+    ('-glw', '--global_loss_weight', '--g_loss_weight'): 'a loss weight; test.py chooses the distances to rank with by '
+                                                         '--test_distance global|local|global_local|all',
+    ('-llw', '--local_loss_weight', '--l_loss_weight'): 'a loss weight; test.py chooses the distances to rank with by '
+                                                        '--test_distance global|local|global_local|all',
+    ('-idlw', '--id_loss_weight'): 'a loss weight (the ID classifier is not used in testing); test.py chooses the '
+                                   'distances to rank with by --test_distance global|local|global_local|all',
+    ('-gm', '--global_margin'): 'a triplet margin; test.py chooses the distances to rank with by --test_distance',
+    ('-lm', '--local_margin'): 'a triplet margin; test.py chooses the distances to rank with by --test_distance',
+    ('--set_seed',): 'it seeds training; testing here has no randomness, drop it',
+    ('--log_to_file',): 'test.py always writes test.log in --exp_dir, drop it',
+}
+
+
+class TrainingFlag(argparse.Action):
+    """A flag of train.py that test.py has no use for: stops the parse with one line saying so and what test.py
+    uses instead (the action's help), not argparse's 'unrecognized arguments'. Nothing is stored."""
+
+    def __init__(self, *args, **kwargs):
+        kwargs.setdefault('default', argparse.SUPPRESS)
+        super().__init__(*args, **kwargs)
+
+    def __call__(self, parser, namespace, values, option_string=None):
+        parser.error('{} is a flag of training (train.py), not of test.py: {}'.format(
+            option_string, self.help.split('. Default:')[0]))
 
 
 def build_parser():
@@ -65,6 +91,9 @@ def build_parser():
                                'line naming what to use instead)')
     old.add_argument('-d', '--sys_device_ids', action=OldFlag, nargs='?', help=cli.OLD_DEVICE_HELP)
     old.add_argument('-r', '--run', action=OldFlag, nargs='?', help=cli.OLD_RUN_HELP)
+    train = p.add_argument_group('flags of train.py (each stops with a line naming what test.py uses instead)')
+    for flags, instead in TRAINING_FLAGS.items():
+        train.add_argument(*flags, action=TrainingFlag, nargs='?', help=instead + '. Default: none')
     cli.accept_negative_numbers(p)
     return p
 
