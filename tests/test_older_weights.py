@@ -15,7 +15,7 @@ from aligned_reid.model import Model
 from aligned_reid.prepare import prepare_market_layout
 from aligned_reid.synthetic import render_market_tree
 from old_files import old_state_dict, randomized_old_model, write_py2_torch_file
-from script_loader import REPO, load_script
+from conftest import REPO, load_script
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 

@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from aligned_reid.model import Model
-from script_loader import load_script
+from conftest import load_script
 
 test_script = load_script('script', 'test')
 
