@@ -14,6 +14,32 @@ from aligned_reid.checkpoint import CheckpointWriteError
 from aligned_reid.model import BACKBONES
 
 
+class ArgumentParser(argparse.ArgumentParser):
+    """The parser of every script (script/, data_set/, bench/). Flags must be spelled out: argparse's
+    prefix matching is off, so a mistyped '--lr 1e-3' is refused instead of read as --lr_decay_type. A
+    usage error is one line, '<script>: error: <message>; see <script> --help', without the usage block."""
+
+    def __init__(self, *args, **kwargs):
+        kwargs.setdefault('allow_abbrev', False)
+        super().__init__(*args, **kwargs)
+
+    def error(self, message):
+        self.exit(2, '{}: error: {}; see {} --help\n'.format(self.prog, message, self.prog))
+
+
+def default_workers():
+    """Loader worker processes by default: 4, or fewer when fewer CPUs are available to this process
+    (more workers than CPUs only compete, and torch warns about them)."""
+    try:
+        cpus = len(os.sched_getaffinity(0))
+    except AttributeError:  # no sched_getaffinity (macOS)
+        cpus = os.cpu_count() or 1
+    return max(1, min(4, cpus))
+
+
+WORKERS_HELP = 'Default: min(4, CPUs available to this process)'
+
+
 _TRUE = {'true', 'yes', 'y', '1', 't', 'on'}
 _FALSE = {'false', 'no', 'n', '0', 'f', 'off'}
 
@@ -60,6 +86,15 @@ def ints(token):
     if not parts:
         raise ValueError('expected integers, got {!r}'.format(token))
     return tuple(int(t) for t in parts)
+
+
+def flag_value(value):
+    """A flag's value as typed on the command line: [256, 128] -> '256 128', True -> 'true'."""
+    if isinstance(value, bool):
+        return str(value).lower()
+    if isinstance(value, (list, tuple)):
+        return ' '.join(map(str, value))
+    return str(value)
 
 
 def flat_ints(values):
