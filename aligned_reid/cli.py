@@ -2,6 +2,7 @@
 tuples), the model flags of the scripts that load a model, default dataset and experiment paths, the
 device and folder checks, logging, and the one-line exit for a failure the user can fix."""
 import argparse
+import errno
 import logging
 import os
 import re
@@ -200,10 +201,15 @@ def explicit_dests(build_parser, argv):
     return set(vars(quiet.parse_known_args(argv)[0]))
 
 
+# errno of a write the file system refuses: no space left, over quota, read-only, file too large
+WRITE_ERRNOS = (errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EFBIG)
+
+
 def run_cli(main, parse_args, script, log_to_file=False, errors=(), interrupted=None):
     """Runs `main(parse_args())`; a failure the user can fix (an unreadable image, a checkpoint that cannot be
-    written, a folder without permission, and the exception classes in `errors`) ends the script with one
-    line '<script>: <message>' instead of a traceback (with `log_to_file`, also written to the run's log).
+    written, a folder without permission, a file (args.json, metrics, the log) that a full or read-only disk
+    refuses, and the exception classes in `errors`) ends the script with one line '<script>: <message>'
+    instead of a traceback (with `log_to_file`, also written to the run's log when it can be).
     `interrupted`: the line that a Ctrl-C (KeyboardInterrupt) ends with, when the script says one."""
     try:
         main(parse_args())
@@ -216,16 +222,35 @@ def run_cli(main, parse_args, script, log_to_file=False, errors=(), interrupted=
         message = 'cannot write {}: {}'.format(e.filename, e.strerror) if e.filename else str(e)
     except tuple(errors) as e:
         message = str(e)
+    except OSError as e:
+        if e.errno not in WRITE_ERRNOS:
+            raise
+        message = 'cannot write {}: {}'.format(e.filename, e.strerror) if e.filename else str(e)
     except KeyboardInterrupt:
         if interrupted is None:
             raise
         message = interrupted
     if log_to_file:
-        log_error_to_file(message)
+        try:
+            log_error_to_file(message)
+        except OSError:  # the log is on the disk that failed
+            pass
     raise SystemExit('{}: {}'.format(script, message))
 
 
 # ----------------------------------------------------------------------------- logging
+
+class LogFile(logging.FileHandler):
+    """A run's log file. A write that fails (a full disk) stops the run: the OSError, naming the file,
+    reaches the caller (run_cli makes it one line) instead of logging's '--- Logging error ---' block after
+    every later record."""
+
+    def handleError(self, record):
+        e = sys.exc_info()[1]
+        if isinstance(e, OSError):
+            raise OSError(e.errno, e.strerror, self.baseFilename) from None
+        super().handleError(record)
+
 
 def setup_logging(log_file=None, name='aligned_reid', main_process=True):
     """Returns a logger printing to stdout and, when `log_file` is given, appending to it.
@@ -245,7 +270,7 @@ def setup_logging(log_file=None, name='aligned_reid', main_process=True):
     logger.addHandler(sh)
     if log_file and main_process:
         os.makedirs(os.path.dirname(os.path.abspath(log_file)), exist_ok=True)
-        fh = logging.FileHandler(log_file)
+        fh = LogFile(log_file)
         fh.setFormatter(fmt)
         logger.addHandler(fh)
     return logger
