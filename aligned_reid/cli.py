@@ -243,11 +243,16 @@ def run_cli(main, parse_args, script, log_to_file=False, errors=(), interrupted=
 class LogFile(logging.FileHandler):
     """A run's log file. A write that fails (a full disk) stops the run: the OSError, naming the file,
     reaches the caller (run_cli makes it one line) instead of logging's '--- Logging error ---' block after
-    every later record."""
+    every later record. The file is closed first, its unwritable buffer dropped, so that closing the
+    handler later (setup_logging, the end of the process) does not fail again."""
 
     def handleError(self, record):
         e = sys.exc_info()[1]
         if isinstance(e, OSError):
+            try:
+                self.close()
+            except OSError:  # the buffered record cannot be flushed either; the file is closed all the same
+                pass
             raise OSError(e.errno, e.strerror, self.baseFilename) from None
         super().handleError(record)
 
