@@ -2,7 +2,6 @@
 images framed green for a match, red otherwise, grey without labels) and CMC curves."""
 
 import os
-import re
 
 import numpy as np
 from PIL import Image, ImageDraw, ImageFont
@@ -42,10 +41,10 @@ def save_ranked_lists(distmat, q_ids, g_ids, q_cams, g_cams, q_images, g_images,
     labels (q_ids, g_ids, q_cams, g_cams all None, as for one's own images) every gallery item
     is kept and framed grey; np.inf distances mark items not to draw. size = (h, w)
     of each thumbnail. Each grid is (h + 2 border + caption) high and
-    (top_k + 1) (w + 2 border) + gap wide. `distance`: the name of the distance the ranks and
-    the numbers under the images are of ('global', 'local, re-ranked' ...); a title line of
-    `caption` pixels above the images says it, and the file names carry it. Returns the written
-    paths (out_dir/query_{index:05d}.png, or query_{index:05d}_{distance}.png)."""
+    (top_k + 1) (w + 2 border) + gap wide. `distance`: the name of the distance the ranks and the
+    numbers under the images are of ('global', 'local, re-ranked' ...), said by a line of
+    `caption` pixels added below the grid. Returns the written paths
+    (out_dir/query_{index:05d}.png)."""
     distmat = np.asarray(distmat)
     labelled = q_ids is not None
     if not labelled:
@@ -61,8 +60,6 @@ def save_ranked_lists(distmat, q_ids, g_ids, q_cams, g_cams, q_images, g_images,
     os.makedirs(out_dir, exist_ok=True)
     h, w = size
     cell_w, cell_h = w + 2 * border, h + 2 * border
-    top = caption if distance else 0
-    suffix = '_' + re.sub(r'[^A-Za-z0-9]+', '_', distance).strip('_') if distance else ''
     font = ImageFont.load_default()
     paths = []
     for qi in (range(len(q_ids)) if query_indices is None else query_indices):
@@ -71,12 +68,13 @@ def save_ranked_lists(distmat, q_ids, g_ids, q_cams, g_cams, q_images, g_images,
         if not labelled:
             keep = np.isfinite(distmat[qi][order])
         ranked = order[keep][:top_k]
-        canvas = Image.new('RGB', (cell_w * (top_k + 1) + gap, top + cell_h + caption), 'white')
+        canvas = Image.new('RGB', (cell_w * (top_k + 1) + gap, cell_h + caption * (2 if distance else 1)),
+                           'white')
         draw = ImageDraw.Draw(canvas)
         if distance:
-            draw.text((2, 2), f"ranked by distance: {distance}", fill='black', font=font)
-        canvas.paste(_framed(_open(q_images[qi], size), QUERY_COLOR, border), (0, top))
-        draw.text((2, top + cell_h + 2), f"query {q_ids[qi]}" if labelled else "query", fill='black',
+            draw.text((2, cell_h + caption + 2), f"distance: {distance}", fill='black', font=font)
+        canvas.paste(_framed(_open(q_images[qi], size), QUERY_COLOR, border), (0, 0))
+        draw.text((2, cell_h + 2), f"query {q_ids[qi]}" if labelled else "query", fill='black',
                   font=font)
         for rank, gi in enumerate(ranked, start=1):
             if not labelled:
@@ -84,9 +82,9 @@ def save_ranked_lists(distmat, q_ids, g_ids, q_cams, g_cams, q_images, g_images,
             else:
                 color = MATCH_COLOR if g_ids[gi] == q_ids[qi] else NON_MATCH_COLOR
             x = gap + rank * cell_w
-            canvas.paste(_framed(_open(g_images[gi], size), color, border), (x, top))
-            draw.text((x + 2, top + cell_h + 2), f"{rank}: {distmat[qi, gi]:.2f}", fill=color, font=font)
-        path = os.path.join(out_dir, f"query_{qi:05d}{suffix}.png")
+            canvas.paste(_framed(_open(g_images[gi], size), color, border), (x, 0))
+            draw.text((x + 2, cell_h + 2), f"{rank}: {distmat[qi, gi]:.2f}", fill=color, font=font)
+        path = os.path.join(out_dir, f"query_{qi:05d}.png")
         canvas.save(path)
         paths.append(path)
     return paths

@@ -8,7 +8,7 @@ import shutil
 import numpy as np
 import pytest
 import torch
-from PIL import Image
+from PIL import Image, ImageDraw, ImageFont
 
 from aligned_reid import checkpoint, cli, visualize
 from aligned_reid.model import Model
@@ -59,8 +59,7 @@ def _parse_error(module, argv, capsys):
 
 def test_test_at_other_settings_is_refused_then_kept_apart(run, capsys):
     """test.py --resize_h_w 32 16 on a 64 x 32 model stops with one line; with --allow_other_settings true it
-    tests, warns, and writes metrics_32x16.json and ranks_synthetic_32x16/, never the run's metrics.json; the
-    pictures say which distance ranks them."""
+    tests, warns, and writes metrics_32x16.json and ranks_synthetic_32x16/, never the run's metrics.json."""
     base = ['--exp_dir', str(run['exp']), '--to_re_rank', 'false'] + CPU
     err = _parse_error(test_script, base + ['--resize_h_w', '32', '16'], capsys)
     assert '--resize_h_w 32 16: {} was trained with --resize_h_w 64 32'.format(run['ckpt']) in err
@@ -77,7 +76,7 @@ def test_test_at_other_settings_is_refused_then_kept_apart(run, capsys):
     assert json.load(open(run['exp'] / 'metrics.json')) == {'the run': 'its own metrics'}
     record = json.load(open(run['exp'] / 'metrics_32x16.json'))
     assert record['resize_h_w'] == [32, 16] and 'global' in record['results']
-    assert sorted(os.listdir(run['exp'] / 'ranks_synthetic_32x16')) == ['cmc.png', 'query_00000_global.png']
+    assert sorted(os.listdir(run['exp'] / 'ranks_synthetic_32x16')) == ['cmc.png', 'query_00000.png']
 
 
 def test_train_onlytest_at_other_settings_is_refused(run, capsys):
@@ -117,8 +116,11 @@ def test_a_full_disk_before_training_is_one_line(run, tmp_path):
     args = train_script.parse_args(['--train_partitons', run['partitions'], '--exp_dir', str(exp), '--base_model',
                                     'resnet18', '--pretrained', 'false', '--ids_per_batch', '2', '--ims_per_id', '2']
                                    + CPU)
-    with pytest.raises(SystemExit) as e:
-        cli.run_cli(train_script.main, lambda: args, 'train.py', log_to_file=True)
+    try:
+        with pytest.raises(SystemExit) as e:
+            cli.run_cli(train_script.main, lambda: args, 'train.py', log_to_file=True)
+    finally:
+        cli.setup_logging(None)  # later tests log to no file of this one
     assert e.value.code == 'train.py: cannot write {}: No space left on device'.format(exp / 'args.json')
     assert not (exp / 'ckpt.pth').exists() and not (exp / 'args.json').exists()
 
@@ -132,8 +134,11 @@ def test_a_log_on_a_full_disk_stops_with_one_line(run, tmp_path, capsys):
     os.symlink('/dev/full', out / 'test.log')
     args = test_script.parse_args(['--model_weight_file', run['ckpt'], '--exp_dir', str(out), '--to_re_rank',
                                    'false'] + CPU)
-    with pytest.raises(SystemExit) as e:
-        cli.run_cli(test_script.main, lambda: args, 'test.py', errors=(ValueError, FileNotFoundError))
+    try:
+        with pytest.raises(SystemExit) as e:
+            cli.run_cli(test_script.main, lambda: args, 'test.py', errors=(ValueError, FileNotFoundError))
+    finally:
+        cli.setup_logging(None)  # later tests log to no file of this one
     assert e.value.code == 'test.py: cannot write {}: No space left on device'.format(out / 'test.log')
     assert 'Logging error' not in capsys.readouterr().err
     assert sorted(os.listdir(out)) == ['test.log']
@@ -158,17 +163,21 @@ def test_extraction_with_no_readable_image_is_refused(run, tmp_path):
 # ----------------------------------------------------------------------------- pictures
 
 def test_ranked_list_pictures_name_their_distance(tmp_path):
+    """A line below the grid says which distance ranks it (drawn here independently with the same font); the
+    grid above it is the one drawn without it."""
     q = [Image.new('RGB', (16, 32), (200, 0, 0))]
     g = [Image.new('RGB', (16, 32), (0, 0, 200 - 40 * i)) for i in range(3)]
     dist = np.array([[0.3, 0.1, 0.2]])
-    plain = visualize.save_ranked_lists(dist, None, None, None, None, q, g, tmp_path / 'a', top_k=3, size=(32, 16))
-    named = visualize.save_ranked_lists(dist, None, None, None, None, q, g, tmp_path / 'b', top_k=3, size=(32, 16),
-                                        distance='local, re-ranked')
-    assert [os.path.basename(p) for p in named] == ['query_00000_local_re_ranked.png']
+    kw = dict(top_k=3, size=(32, 64))
+    plain = visualize.save_ranked_lists(dist, None, None, None, None, q, g, tmp_path / 'a', **kw)
+    named = visualize.save_ranked_lists(dist, None, None, None, None, q, g, tmp_path / 'b', distance='local, re-ranked',
+                                        **kw)
     a, b = np.asarray(Image.open(plain[0]).convert('RGB')), np.asarray(Image.open(named[0]).convert('RGB'))
-    assert b.shape[0] == a.shape[0] + 16 and b.shape[1] == a.shape[1]
-    assert (b[:16] != 255).any()          # the title line above the images
-    assert (b[16:] == a).all()            # the grid itself, unchanged below it
+    assert b.shape == (a.shape[0] + 16, a.shape[1], 3)
+    line = Image.new('RGB', (a.shape[1], 16), 'white')
+    ImageDraw.Draw(line).text((2, 2), 'distance: local, re-ranked', fill='black', font=ImageFont.load_default())
+    assert (b[-16:] == np.asarray(line)).all()
+    assert (b[:-16] == a).all()
 
 
 # ----------------------------------------------------------------------------- resuming on another file
