@@ -1,6 +1,7 @@
-"""What the scripts share on the command line: flag types (true/false words, the older reproduction's
-tuples), the model flags of the scripts that load a model, default dataset and experiment paths, the
-device and folder checks, logging, and the one-line exit for a failure the user can fix."""
+"""What the scripts share on the command line: the parser (no abbreviated flags, one-line usage errors), flag
+types (true/false words, the older reproduction's tuples), the model flags of the scripts that load a model,
+default dataset and experiment paths, the device and folder checks, logging, and the one-line exit for a
+failure the user can fix."""
 import argparse
 import errno
 import logging
