@@ -120,12 +120,15 @@ def remove_stale_temp_files(folder):
 
 
 def write_json(obj, path):
-    """Writes `obj` as indented JSON, atomically (temporary file, then os.replace; the user's umask mode)."""
+    """Writes `obj` as indented JSON, atomically (temporary file, then os.replace; the user's umask mode). A
+    failed write (a full disk) raises CheckpointWriteError naming `path`; a previous file there is intact."""
     tmp = '{}.tmp.{}'.format(path, os.getpid())
     try:
         with open(tmp, 'w') as f:
             json.dump(obj, f, indent=2, sort_keys=True)
         os.replace(tmp, path)
+    except OSError as e:
+        raise CheckpointWriteError(e.errno, 'cannot write {}: {}'.format(path, e.strerror or e)) from None
     finally:
         if os.path.exists(tmp):
             os.remove(tmp)

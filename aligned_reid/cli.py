@@ -1,7 +1,9 @@
-"""What the scripts share on the command line: flag types (true/false words, the older reproduction's
-tuples), the model flags of the scripts that load a model, default dataset and experiment paths, the
-device and folder checks, logging, and the one-line exit for a failure the user can fix."""
+"""What the scripts share on the command line: the parser (no abbreviated flags, one-line usage errors), flag
+types (true/false words, the older reproduction's tuples), the model flags of the scripts that load a model,
+default dataset and experiment paths, the device and folder checks, logging, and the one-line exit for a
+failure the user can fix."""
 import argparse
+import errno
 import logging
 import os
 import re
@@ -12,6 +14,32 @@ import torch
 from aligned_reid import data
 from aligned_reid.checkpoint import CheckpointWriteError
 from aligned_reid.model import BACKBONES
+
+
+class ArgumentParser(argparse.ArgumentParser):
+    """The parser of every script (script/, data_set/, bench/). Flags must be spelled out: argparse's
+    prefix matching is off, so a mistyped '--lr 1e-3' is refused instead of read as --lr_decay_type. A
+    usage error is one line, '<script>: error: <message>; see <script> --help', without the usage block."""
+
+    def __init__(self, *args, **kwargs):
+        kwargs.setdefault('allow_abbrev', False)
+        super().__init__(*args, **kwargs)
+
+    def error(self, message):
+        self.exit(2, '{}: error: {}; see {} --help\n'.format(self.prog, message, self.prog))
+
+
+def default_workers():
+    """Loader worker processes by default: 4, or fewer when fewer CPUs are available to this process
+    (more workers than CPUs only compete, and torch warns about them)."""
+    try:
+        cpus = len(os.sched_getaffinity(0))
+    except AttributeError:  # no sched_getaffinity (macOS)
+        cpus = os.cpu_count() or 1
+    return max(1, min(4, cpus))
+
+
+WORKERS_HELP = 'Default: min(4, CPUs available to this process)'
 
 
 _TRUE = {'true', 'yes', 'y', '1', 't', 'on'}
@@ -62,6 +90,15 @@ def ints(token):
     return tuple(int(t) for t in parts)
 
 
+def flag_value(value):
+    """A flag's value as typed on the command line: [256, 128] -> '256 128', True -> 'true'."""
+    if isinstance(value, bool):
+        return str(value).lower()
+    if isinstance(value, (list, tuple)):
+        return ' '.join(map(str, value))
+    return str(value)
+
+
 def flat_ints(values):
     """[(256,), (128,)] or [(256, 128)] (from nargs='+' with type ints) -> [256, 128]; lists of plain
     ints (saved arguments) pass through."""
@@ -109,17 +146,23 @@ def check_model_arguments(parser, args):
         parser.error('--local_conv_out_channels must be at least 1, got {}'.format(args.local_conv_out_channels))
 
 
-class OldFlag(argparse.Action):
-    """A flag of the older reproduction with no counterpart here: using it stops the parse with one
-    line naming what to use instead (the action's help). Nothing is stored, so it never reaches args.json."""
+class RefusedFlag(argparse.Action):
+    """A flag a script accepts only to refuse it: using it stops the parse with one line, '<flag> is <what>:
+    <what to use instead>' (the action's help up to its default). Nothing is stored, so it never reaches
+    args.json."""
+    what = 'not used here'
 
     def __init__(self, *args, **kwargs):
         kwargs.setdefault('default', argparse.SUPPRESS)
         super().__init__(*args, **kwargs)
 
     def __call__(self, parser, namespace, values, option_string=None):
-        parser.error('{} is a flag of the older reproduction, not used here: {}'.format(
-            option_string, self.help.split(' Default:')[0]))
+        parser.error('{} is {}: {}'.format(option_string, self.what, self.help.split(' Default:')[0].rstrip('.')))
+
+
+class OldFlag(RefusedFlag):
+    """A flag of the older reproduction with no counterpart here."""
+    what = 'a flag of the older reproduction, not used here'
 
 
 def writable_folder_problem(folder):
@@ -165,10 +208,15 @@ def explicit_dests(build_parser, argv):
     return set(vars(quiet.parse_known_args(argv)[0]))
 
 
+# errno of a write the file system refuses: no space left, over quota, read-only, file too large
+WRITE_ERRNOS = (errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EFBIG)
+
+
 def run_cli(main, parse_args, script, log_to_file=False, errors=(), interrupted=None):
     """Runs `main(parse_args())`; a failure the user can fix (an unreadable image, a checkpoint that cannot be
-    written, a folder without permission, and the exception classes in `errors`) ends the script with one
-    line '<script>: <message>' instead of a traceback (with `log_to_file`, also written to the run's log).
+    written, a folder without permission, a file (args.json, metrics, the log) that a full or read-only disk
+    refuses, and the exception classes in `errors`) ends the script with one line '<script>: <message>'
+    instead of a traceback (with `log_to_file`, also written to the run's log when it can be).
     `interrupted`: the line that a Ctrl-C (KeyboardInterrupt) ends with, when the script says one."""
     try:
         main(parse_args())
@@ -181,16 +229,40 @@ def run_cli(main, parse_args, script, log_to_file=False, errors=(), interrupted=
         message = 'cannot write {}: {}'.format(e.filename, e.strerror) if e.filename else str(e)
     except tuple(errors) as e:
         message = str(e)
+    except OSError as e:
+        if e.errno not in WRITE_ERRNOS:
+            raise
+        message = 'cannot write {}: {}'.format(e.filename, e.strerror) if e.filename else str(e)
     except KeyboardInterrupt:
         if interrupted is None:
             raise
         message = interrupted
     if log_to_file:
-        log_error_to_file(message)
+        try:
+            log_error_to_file(message)
+        except OSError:  # the log is on the disk that failed
+            pass
     raise SystemExit('{}: {}'.format(script, message))
 
 
 # ----------------------------------------------------------------------------- logging
+
+class LogFile(logging.FileHandler):
+    """A run's log file. A write that fails (a full disk) stops the run: the OSError, naming the file,
+    reaches the caller (run_cli makes it one line) instead of logging's '--- Logging error ---' block after
+    every later record. The file is closed first, its unwritable buffer dropped, so that closing the
+    handler later (setup_logging, the end of the process) does not fail again."""
+
+    def handleError(self, record):
+        e = sys.exc_info()[1]
+        if isinstance(e, OSError):
+            try:
+                self.close()
+            except OSError:  # the buffered record cannot be flushed either; the file is closed all the same
+                pass
+            raise OSError(e.errno, e.strerror, self.baseFilename) from None
+        super().handleError(record)
+
 
 def setup_logging(log_file=None, name='aligned_reid', main_process=True):
     """Returns a logger printing to stdout and, when `log_file` is given, appending to it.
@@ -210,7 +282,7 @@ def setup_logging(log_file=None, name='aligned_reid', main_process=True):
     logger.addHandler(sh)
     if log_file and main_process:
         os.makedirs(os.path.dirname(os.path.abspath(log_file)), exist_ok=True)
-        fh = logging.FileHandler(log_file)
+        fh = LogFile(log_file)
         fh.setFormatter(fmt)
         logger.addHandler(fh)
     return logger

@@ -85,11 +85,29 @@ def _to_plain(obj):
     return obj
 
 
-def read_partitions(path):
-    """Load and validate a partitions.pkl; returns a dict of plain Python values."""
+def partitions_file_problem(path):
+    """None when `path` is a file; else what is wrong with it as a partitions file, in one line: not found,
+    or a folder (then naming the partitions.pkl expected in it, and whether it is there)."""
     path = os.fspath(path)
-    if not os.path.isfile(path):
-        raise FileNotFoundError("partitions file not found: {}".format(path))
+    if os.path.isfile(path):
+        return None
+    if os.path.isdir(path):
+        inside = os.path.join(path, "partitions.pkl")
+        if os.path.isfile(inside):
+            return "{} is a folder; the partitions file is the partitions.pkl in it: give {}".format(path, inside)
+        return ("{} is a folder without a partitions.pkl; give the partitions.pkl that a data_set/<name>_prepare.py "
+                "script wrote beside its images/ folder".format(path))
+    return ("partitions file not found: {} (prepare the dataset with data_set/<name>_prepare.py, or pass the "
+            "path)".format(path))
+
+
+def read_partitions(path):
+    """Load and validate a partitions.pkl; returns a dict of plain Python values. FileNotFoundError (saying
+    so when `path` is a folder) or ValueError, naming the file."""
+    path = os.fspath(path)
+    problem = partitions_file_problem(path)
+    if problem:
+        raise FileNotFoundError(problem)
     with open(path, "rb") as f:
         data = f.read()
     try:

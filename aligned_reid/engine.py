@@ -287,18 +287,43 @@ class NonFiniteLoss(RuntimeError):
 
 
 class StopFlag:
-    """Set by SIGINT / SIGTERM: the loop finishes the current step, saves and exits."""
+    """The SIGINT / SIGTERM handler of the epoch loop. The first signal sets `requested` (the loop then
+    finishes its step, saves a checkpoint to `ckpt_path` and exits) and says so on stderr at once. A second
+    one within GRACE_S seconds is taken for the same request repeated (a double Ctrl-C) and the save goes
+    on; a later one stops the process at once without saving, which loses nothing already saved: the
+    checkpoint write is atomic, so one cut short leaves the previous checkpoint in place."""
 
-    def __init__(self):
+    GRACE_S = 2.
+
+    def __init__(self, script='train.py', ckpt_path='ckpt.pth'):
         self.requested = False
         self.signum = None
+        self.script, self.ckpt_path, self.first = script, ckpt_path, None
+
+    def say(self, text):
+        """One line on stderr, written with os.write (no buffered stream is touched inside a handler)."""
+        try:
+            os.write(2, '\n{}: {}\n'.format(self.script, text).encode('utf-8', 'replace'))
+        except OSError:
+            pass
 
     def __call__(self, signum, frame):
-        if self.requested:  # a second signal: stop now
-            signal.signal(signum, signal.SIG_DFL)
-            os.kill(os.getpid(), signum)
+        name, now = signal.Signals(signum).name, time.monotonic()
+        if not self.requested:
+            self.requested, self.signum, self.first = True, signum, now
+            self.say('{}: stopping after this training step and saving a checkpoint to {} (continue later with '
+                     '--resume true); a second Ctrl-C, {:g} s or more after this one, stops at once without '
+                     'saving and keeps the last checkpoint saved'.format(name, self.ckpt_path, self.GRACE_S))
             return
-        self.requested, self.signum = True, signum
+        if now - self.first < self.GRACE_S:
+            self.say('{} again within {:g} s: taken for the same request; still stopping after this step with a '
+                     'checkpoint (once more, later, to stop without saving)'.format(name, self.GRACE_S))
+            return
+        kept = ('{} keeps the last checkpoint saved (an atomic write: a save cut short leaves it intact)'.format(
+            self.ckpt_path) if os.path.isfile(self.ckpt_path) else 'no checkpoint had been saved yet')
+        self.say('{} again: stopping now without saving; {}'.format(name, kept))
+        signal.signal(signum, signal.SIG_DFL)
+        os.kill(os.getpid(), signum)
 
     def install(self):
         self.previous = {s: signal.signal(s, self) for s in (signal.SIGINT, signal.SIGTERM)}
@@ -526,8 +551,8 @@ def periodic_test(models, partitions, im_dir, args, run, best, epoch, writer, am
 def fit(args, run, models, optimizers, scalers, loader, step_losses, progress, partitions, im_dir, amp_dtype=None):
     """The epoch loop from `progress` to --total_epochs: the epoch's learning rate, train_one_epoch, the
     epoch's log line and tensorboard scalars, the periodic test, and the checkpoint after every epoch. A
-    SIGINT / SIGTERM finishes the step, saves (mid-epoch: resumable at that step) and exits 128 + signal; a
-    non-finite loss exits with one line and keeps the last good checkpoint."""
+    SIGINT / SIGTERM finishes the step, saves (mid-epoch: resumable at that step) and exits 128 + signal (see
+    StopFlag for a second one); a non-finite loss exits with one line and keeps the last good checkpoint."""
     ckpt_path = checkpoint.path_in(args.exp_dir)
     logger = run.logger
     bare_models = models
@@ -536,7 +561,7 @@ def fit(args, run, models, optimizers, scalers, loader, step_losses, progress, p
         models = [DistributedDataParallel(m, device_ids=[run.device.index] if run.device.type == 'cuda' else None,
                                           find_unused_parameters=unused) for m in models]
     writer = make_writer(args.exp_dir) if run.rank == 0 else None
-    stop = StopFlag()
+    stop = StopFlag(run.script, ckpt_path)
     stop.install()
     best = progress.best
     for epoch in range(progress.epoch + 1, args.total_epochs + 1):

@@ -121,7 +121,7 @@ def check_save_dir(save_dir, overwrite=False, raw_paths=()):
 
 
 @contextmanager
-def _signals_deferred():
+def signals_deferred():
     """Holds SIGINT / SIGTERM / SIGHUP back while a few renames must happen together: their handlers are
     swapped for one that only records the signal, and a recorded signal is sent again, to the restored
     handler, on leaving. (Python runs signal handlers in the main thread whichever thread the kernel
@@ -147,7 +147,7 @@ def _swap_in(save_dir, partial, new_pkl):
     images are deleted. Signals wait until the three renames are done."""
     images = os.path.join(save_dir, 'images')
     old = images + '.old'
-    with _signals_deferred():
+    with signals_deferred():
         if os.path.lexists(images):
             os.replace(images, old)
         os.replace(partial, images)
@@ -287,8 +287,11 @@ def find_bad_images(items, workers=None):
         return None if why is None else (i, f'{_describe(items[i].src)}: {why}')
 
     workers = workers or min(8, os.cpu_count() or 1)
-    with ThreadPoolExecutor(max_workers=workers) as pool:
+    pool = ThreadPoolExecutor(max_workers=workers)
+    try:
         return [r for r in pool.map(check, range(len(items)), chunksize=256) if r is not None]
+    finally:  # on Ctrl-C, drop the images not yet started instead of decoding them all first
+        pool.shutdown(wait=True, cancel_futures=True)
 
 
 def drop_bad_images(items, skip_bad_images=False, verbose=True, max_listed=20):
@@ -462,8 +465,14 @@ def write_prepared(items, save_dir, dataset, overwrite=False, num_val_ids=100, s
     images = os.path.join(save_dir, 'images')
     partial = images + '.partial'
     new_pkl = os.path.join(save_dir, 'partitions.pkl.partial')
-    if os.path.lexists(partial):
-        shutil.rmtree(partial)
+    for leftover in (partial, new_pkl):
+        if os.path.lexists(leftover):
+            if os.path.isdir(leftover) and not os.path.islink(leftover):
+                shutil.rmtree(leftover)
+            else:
+                os.remove(leftover)
+            if verbose:
+                print(f'removed {leftover}: the incomplete output of an interrupted run')
     os.makedirs(partial)
     try:
         how = write_images(items, names, partial, link=link)
@@ -648,12 +657,20 @@ def add_common_arguments(parser, default_dir, zip_name=None, folder_name=None, v
                             help='seed of the validation split (default: %(default)s)')
 
 
+INTERRUPTED = ('interrupted: nothing half-written is left (a set prepared before is intact); rerun the same '
+               'command to start again')
+
+
 def run_cli(main):
     """Runs a prepare script's main(); a bad input ends it with the one-line message, no traceback. A
     folder that cannot be written (no permission, a full disk, a file in the path) is named; the
-    previous prepared set, if any, is intact (write_prepared swaps only a complete new set in)."""
+    previous prepared set, if any, is intact (write_prepared swaps only a complete new set in). Ctrl-C
+    ends it with one line (exit status 130), the partial output already removed."""
     try:
         main()
+    except KeyboardInterrupt:
+        print(f'\nerror: {INTERRUPTED}', file=sys.stderr)
+        sys.exit(130)
     except (FileNotFoundError, FileExistsError, ValueError, KeyError) as e:
         sys.exit(f'error: {e}')
     except OSError as e:

@@ -28,12 +28,16 @@ page): a DPM box whose IoU with the hand-drawn box is above 0.5 is kept as a "go
   IoU < 0.2 (but overlapping the person) and 0.2 <= IoU <= 0.5, as in Market's rule.
 """
 import functools
+import json
 import os
 import shutil
+import signal
 from concurrent.futures import ProcessPoolExecutor
 
 import numpy as np
 from PIL import Image, ImageDraw, ImageFilter
+
+from aligned_reid.prepare import signals_deferred
 
 SUBDIRS = ('bounding_box_train', 'bounding_box_test', 'query', 'gt_bbox')
 
@@ -538,21 +542,14 @@ def _plan(num_train_ids, num_test_ids, ims_per_id_cam, num_cams, seed, num_distr
     return items, train_ids, test_ids
 
 
-def render_market_tree(out_dir, num_train_ids=200, num_test_ids=200, ims_per_id_cam=4, num_cams=6,
-                       im_size=(128, 64), seed=0, num_distractors=None, num_junk=None,
-                       mq_per_query=2, min_cams=2, max_cams=None, jpeg_quality=90, workers=1,
-                       overwrite=False):
-    """Render a synthetic dataset into out_dir in the Market-1501 layout; return a dict of counts.
+RENDER_MARK = 'rendered.json'  # written last into a complete tree: the settings it was rendered with
 
-    out_dir/bounding_box_train/  ims_per_id_cam images per (train id, camera it is seen by)
-    out_dir/bounding_box_test/   same for the test ids, plus distractors 0000_* and junk -1_*
-    out_dir/query/               one image per (test id, camera it is seen by)
-    out_dir/gt_bbox/             the query image and mq_per_query more per query (id, camera)
-    Names follow Market: '0002_c1s1_000451_03.jpg' = id, camera, sequence, frame, box index.
-    Each id is seen by min_cams..max_cams (default num_cams) cameras, so every query has a gallery
-    match in another camera. Output bytes depend only on the arguments (not on `workers`).
-    num_distractors / num_junk default to 10% / 5% of the test gallery.
-    """
+
+def render_settings(num_train_ids=200, num_test_ids=200, ims_per_id_cam=4, num_cams=6, im_size=(128, 64), seed=0,
+                    num_distractors=None, num_junk=None, mq_per_query=2, min_cams=2, max_cams=None, jpeg_quality=90):
+    """The arguments of render_market_tree checked and resolved (defaults filled in): a dict that the
+    tree's completion mark records, so that a rerun can tell whether a tree is the one it would render.
+    ValueError naming the argument."""
     h, w = im_size
     if num_cams < 2 or num_cams > 9:
         raise ValueError('num_cams must be in 2..9 (Market names hold one camera digit), got {}'
@@ -569,41 +566,116 @@ def render_market_tree(out_dir, num_train_ids=200, num_test_ids=200, ims_per_id_
     if h < 16 or w < 8:
         raise ValueError('im_size must be at least (16, 8), got {}'.format(im_size))
     expected_gallery = num_test_ids * ims_per_id_cam * (min_cams + max_cams) // 2
-    if num_distractors is None:
-        num_distractors = expected_gallery // 10
-    if num_junk is None:
-        num_junk = expected_gallery // 20
+    return dict(num_train_ids=num_train_ids, num_test_ids=num_test_ids, ims_per_id_cam=ims_per_id_cam,
+                num_cams=num_cams, im_size=[int(h), int(w)], seed=seed,
+                num_distractors=expected_gallery // 10 if num_distractors is None else num_distractors,
+                num_junk=expected_gallery // 20 if num_junk is None else num_junk, mq_per_query=mq_per_query,
+                min_cams=min_cams, max_cams=max_cams, jpeg_quality=jpeg_quality)
 
-    existing = [d for d in SUBDIRS if os.path.isdir(os.path.join(out_dir, d))]
-    if existing and not overwrite:
-        raise FileExistsError('{} already holds {}; pass overwrite=True (--overwrite) to re-render'
-                              .format(out_dir, ', '.join(existing)))
-    for d in existing:
-        shutil.rmtree(os.path.join(out_dir, d))
-    for d in SUBDIRS:
-        os.makedirs(os.path.join(out_dir, d))
 
+def _leftovers(out_dir):
+    out_dir = os.path.abspath(out_dir)
+    return out_dir + '.partial', out_dir + '.old'
+
+
+def remove_render_leftovers(out_dir):
+    """Removes what an interrupted render_market_tree of `out_dir` can leave beside it (the tree being
+    rendered, <out_dir>.partial, or the tree being replaced, <out_dir>.old). Returns the paths removed."""
+    removed = []
+    for path in _leftovers(out_dir):
+        if os.path.lexists(path):
+            shutil.rmtree(path)
+            removed.append(path)
+    return removed
+
+
+def render_state(out_dir):
+    """What `out_dir` holds: ('absent', None) no tree; ('complete', mark) a tree render_market_tree finished,
+    with its mark {'settings': render_settings(...), 'counts': ...}; ('unmarked', None) Market-layout
+    folders without the mark (a render cut short by a hard kill, or made by older code)."""
+    mark = os.path.join(out_dir, RENDER_MARK)
+    if os.path.isfile(mark):
+        with open(mark) as f:
+            return 'complete', json.load(f)
+    if any(os.path.isdir(os.path.join(out_dir, d)) for d in SUBDIRS):
+        return 'unmarked', None
+    return 'absent', None
+
+
+def _ignore_interrupts():
+    """Render workers leave Ctrl-C to the parent, which cancels the rest and cleans up."""
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+
+
+def render_market_tree(out_dir, num_train_ids=200, num_test_ids=200, ims_per_id_cam=4, num_cams=6,
+                       im_size=(128, 64), seed=0, num_distractors=None, num_junk=None,
+                       mq_per_query=2, min_cams=2, max_cams=None, jpeg_quality=90, workers=1,
+                       overwrite=False):
+    """Render a synthetic dataset into out_dir in the Market-1501 layout; return a dict of counts.
+
+    out_dir/bounding_box_train/  ims_per_id_cam images per (train id, camera it is seen by)
+    out_dir/bounding_box_test/   same for the test ids, plus distractors 0000_* and junk -1_*
+    out_dir/query/               one image per (test id, camera it is seen by)
+    out_dir/gt_bbox/             the query image and mq_per_query more per query (id, camera)
+    out_dir/rendered.json        written last: the settings (render_settings) and the counts
+    Names follow Market: '0002_c1s1_000451_03.jpg' = id, camera, sequence, frame, box index.
+    Each id is seen by min_cams..max_cams (default num_cams) cameras, so every query has a gallery
+    match in another camera. Output bytes depend only on the arguments (not on `workers`).
+    num_distractors / num_junk default to 10% / 5% of the test gallery.
+    The tree is rendered into <out_dir>.partial and moved in when complete (signals wait during the
+    moves), so an interrupted run leaves no tree that passes for complete (render_state).
+    """
+    settings = render_settings(num_train_ids, num_test_ids, ims_per_id_cam, num_cams, im_size, seed,
+                               num_distractors, num_junk, mq_per_query, min_cams, max_cams, jpeg_quality)
+    state, _ = render_state(out_dir)
+    if state != 'absent' and not overwrite:
+        raise FileExistsError('{} already holds {}; pass overwrite=True (--overwrite) to re-render'.format(
+            out_dir, ', '.join(d for d in SUBDIRS + (RENDER_MARK,) if os.path.exists(os.path.join(out_dir, d)))))
+    remove_render_leftovers(out_dir)
+    partial, old = _leftovers(out_dir)
     items, train_ids, test_ids = _plan(num_train_ids, num_test_ids, ims_per_id_cam, num_cams, seed,
-                                       num_distractors, num_junk, mq_per_query, min_cams, max_cams)
-    jobs = [(os.path.join(out_dir, sub, name), seed, pid, cam, kind, idx, (h, w), jpeg_quality)
+                                       settings['num_distractors'], settings['num_junk'], mq_per_query,
+                                       min_cams, settings['max_cams'])
+    jobs = [(os.path.join(partial, sub, name), seed, pid, cam, kind, idx, tuple(settings['im_size']), jpeg_quality)
             for sub, name, pid, cam, kind, idx in items]
-    if workers > 1:
-        with ProcessPoolExecutor(workers) as ex:
-            list(ex.map(_render_job, jobs, chunksize=64))
-    else:
-        for job in jobs:
-            _render_job(job)
+    try:
+        for d in SUBDIRS:
+            os.makedirs(os.path.join(partial, d))
+        if workers > 1:
+            pool = ProcessPoolExecutor(workers, initializer=_ignore_interrupts)
+            try:
+                list(pool.map(_render_job, jobs, chunksize=64))
+            finally:
+                pool.shutdown(wait=True, cancel_futures=True)
+        else:
+            for job in jobs:
+                _render_job(job)
+    except BaseException:
+        shutil.rmtree(partial, ignore_errors=True)
+        raise
 
-    counts = {d: 0 for d in SUBDIRS}
+    per_dir = {d: 0 for d in SUBDIRS}
     for sub, *_ in items:
-        counts[sub] += 1
-    return {
+        per_dir[sub] += 1
+    counts = {
         'num_train_ids': len(train_ids),
-        'num_train_images': counts['bounding_box_train'],
+        'num_train_images': per_dir['bounding_box_train'],
         'num_test_ids': len(test_ids),
-        'num_gallery_images': counts['bounding_box_test'],
-        'num_distractors': num_distractors,
-        'num_junk': num_junk,
-        'num_query_images': counts['query'],
-        'num_gt_bbox_images': counts['gt_bbox'],
+        'num_gallery_images': per_dir['bounding_box_test'],
+        'num_distractors': settings['num_distractors'],
+        'num_junk': settings['num_junk'],
+        'num_query_images': per_dir['query'],
+        'num_gt_bbox_images': per_dir['gt_bbox'],
     }
+    with open(os.path.join(partial, RENDER_MARK), 'w') as f:
+        json.dump({'settings': settings, 'counts': counts}, f, indent=1, sort_keys=True)
+    os.makedirs(out_dir, exist_ok=True)
+    os.makedirs(old)
+    with signals_deferred():  # the mark goes first and comes back last: a tree between the two is unmarked
+        for name in (RENDER_MARK,) + SUBDIRS:
+            if os.path.lexists(os.path.join(out_dir, name)):
+                os.replace(os.path.join(out_dir, name), os.path.join(old, name))
+        for name in SUBDIRS + (RENDER_MARK,):
+            os.replace(os.path.join(partial, name), os.path.join(out_dir, name))
+    remove_render_leftovers(out_dir)
+    return counts

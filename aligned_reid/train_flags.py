@@ -1,7 +1,6 @@
 """The flags of train.py and train_ml.py (one parser, the mutual-learning weights added for the latter) and
 their checks, which stop before anything is written with one line naming the flag; --resume / --onlytest
 restore the run's saved arguments from its checkpoint, read once."""
-import argparse
 import os
 
 import torch
@@ -15,12 +14,13 @@ NUM_MODELS = 2  # models of mutual learning (train_ml.py)
 
 def build_parser(description, mutual=False):
     """The parser of train.py, or with `mutual` of train_ml.py (the mutual-learning flags added)."""
-    p = argparse.ArgumentParser(description=description)
+    p = cli.ArgumentParser(description=description)
     d = p.add_argument_group('data')
-    d.add_argument('--train_dataset', '--dataset', dest='train_dataset', default='market1501',
+    d.add_argument('--train_dataset', '--dataset', dest='train_dataset', default=None,
                    help='dataset name; sets the default partitions path ~/Dataset/<name>/partitions.pkl and '
                         'experiment folder exp/train/<name> (one of {}; any name when a partitions file is '
-                        "given; --dataset, the older reproduction's name, is accepted). Default: market1501".format(', '.join(cli.DATASET_DIRS)))
+                        "given; --dataset, the older reproduction's name, is accepted). Default: the name the "
+                        'prepare script recorded in --train_partitons, else market1501'.format(', '.join(cli.DATASET_DIRS)))
     d.add_argument('--train_partitons', '--train_partitions', dest='train_partitions', default=None,
                    help='partitions.pkl of the training set (the original spelling and the correct one are '
                         'both accepted). Default: ~/Dataset/<train_dataset>/partitions.pkl')
@@ -44,9 +44,9 @@ def build_parser(description, mutual=False):
     d.add_argument('--crop_ratio', type=float, default=1., help='side ratio of the random crop. Default: 1')
     d.add_argument('--random_erasing', type=float, default=0.,
                    help='probability of random erasing. Default: 0')
-    d.add_argument('--workers', type=int, default=4,
+    d.add_argument('--workers', type=int, default=cli.default_workers(),
                    help='data loader worker processes (they live across epochs; with --train_pipeline memory '
-                        'they only decode the set once). Default: 4')
+                        'they only decode the set once). ' + cli.WORKERS_HELP)
     d.add_argument('--train_pipeline', choices=('auto', 'workers', 'memory'), default='auto',
                    help='workers: loader workers decode and augment every image every epoch; memory: the training '
                         'images are decoded once, kept as uint8 (on the GPU when they fit in half its free memory, '
@@ -183,6 +183,25 @@ NOT_RESTORED = ('resume', 'onlytest', 'exp_dir', 'device', 'workers', 'model_wei
 ARCH_FLAGS = ('base_model', 'local_conv_out_channels')
 
 
+def read_partitions_flag(parser, path):
+    """The partitions file of --train_partitons, read and checked, or a usage error naming the flag."""
+    problem = data.partitions_file_problem(path)
+    if problem:
+        parser.error('--train_partitons: {}'.format(problem))
+    try:
+        return data.read_partitions(path)
+    except (ValueError, OSError) as e:
+        parser.error('--train_partitons {}: {}'.format(path, e))
+
+
+def same_file(a, b):
+    """Whether paths `a` and `b` name one file (both absent: the same absolute path)."""
+    try:
+        return os.path.samefile(a, b)
+    except OSError:
+        return os.path.abspath(a) == os.path.abspath(b)
+
+
 def read_model_file(parser, flag, path, model_index, obj=None):
     """aligned_reid.checkpoint.read_checkpoint, with a failure turned into one line naming the flag."""
     try:
@@ -222,6 +241,17 @@ def restore_saved_args(parser, args, explicit):
                      'code, so it cannot be resumed exactly; test it with --onlytest true, or start a new run '
                      'from its weights with --model_weight_file {} --exp_dir NEW_FOLDER'.format(
                          ckpt, info['layout'], ckpt))
+    saved_parts = info['args'].get('train_partitions')
+    if args.resume and 'train_partitions' in explicit and saved_parts and not same_file(
+            os.path.expanduser(args.train_partitions), saved_parts):
+        parser.error('--train_partitons {}: the run in {} was trained on {}; resume it on that file (or drop the '
+                     'flag), or start a new run from its weights with --model_weight_file {} --exp_dir '
+                     'NEW_FOLDER'.format(args.train_partitions, exp_dir, saved_parts, ckpt))
+    for k in ('resize_h_w', 'normalize_feature'):
+        if args.onlytest and k in explicit and k in info['args'] and getattr(args, k) != info['args'][k]:
+            parser.error('--{} {}: {} was trained with --{} {}, and --onlytest writes the run\'s metrics.json; drop '
+                         'the flag, or test at other settings with script/test.py --allow_other_settings true'.format(
+                             k, cli.flag_value(getattr(args, k)), ckpt, k, cli.flag_value(info['args'][k])))
     for k, v in info['args'].items():
         if k in NOT_RESTORED or k in explicit or not hasattr(args, k):
             continue
@@ -290,6 +320,14 @@ def check_args(parser, args, explicit=(), mutual=False):
     args.start holds the checkpoint read for --resume / --onlytest / --model_weight_file (read once).
     `explicit`: names given on the command line (they win over a resumed run's saved arguments);
     `mutual`: train_ml.py's flags (its default experiment folder, the mutual-learning weights)."""
+    early = None  # (path, partitions) when read here for the dataset name the prepare script recorded
+    if args.train_dataset is None:
+        recorded = None
+        if args.train_partitions is not None:
+            path = os.path.expanduser(args.train_partitions)
+            early = path, read_partitions_flag(parser, path)
+            recorded = early[1].get('dataset')
+        args.train_dataset = recorded or 'market1501'
     if mutual and args.exp_dir is None:
         args.exp_dir = os.path.join('exp', 'train_ml', args.train_dataset)
     args.resize_h_w = cli.flat_ints(args.resize_h_w)
@@ -347,13 +385,8 @@ def check_args(parser, args, explicit=(), mutual=False):
     if args.pretrained_path is not None and not os.path.isfile(args.pretrained_path):
         parser.error('--pretrained_path: file not found: {}'.format(args.pretrained_path))
     cli.check_device(parser, args)
-    if not os.path.isfile(args.train_partitions):
-        parser.error('--train_partitons: partitions file not found: {} (prepare the dataset with '
-                     'data_set/<name>_prepare.py, or pass the path)'.format(args.train_partitions))
-    try:
-        parts = data.read_partitions(args.train_partitions)
-    except (ValueError, OSError) as e:
-        parser.error('--train_partitons {}: {}'.format(args.train_partitions, e))
+    parts = early[1] if early and early[0] == args.train_partitions else read_partitions_flag(
+        parser, args.train_partitions)
     key = args.trainset_part + '_ids2labels'
     if key not in parts:
         parser.error('--trainset_part {}: {} has no {!r} (a combined set holds trainval only)'.format(

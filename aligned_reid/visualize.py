@@ -31,7 +31,7 @@ def _framed(im, color, border):
 
 def save_ranked_lists(distmat, q_ids, g_ids, q_cams, g_cams, q_images, g_images, out_dir,
                       top_k=10, query_indices=None, size=(128, 64), border=4, gap=12,
-                      caption=16):
+                      caption=16, distance=None):
     """One PNG per query: the query image (blue frame), then its top_k gallery images by
     ascending distance (ties by gallery index), framed green for the same id, red otherwise.
 
@@ -41,7 +41,9 @@ def save_ranked_lists(distmat, q_ids, g_ids, q_cams, g_cams, q_images, g_images,
     labels (q_ids, g_ids, q_cams, g_cams all None, as for one's own images) every gallery item
     is kept and framed grey; np.inf distances mark items not to draw. size = (h, w)
     of each thumbnail. Each grid is (h + 2 border + caption) high and
-    (top_k + 1) (w + 2 border) + gap wide. Returns the written paths
+    (top_k + 1) (w + 2 border) + gap wide. `distance`: the name of the distance the ranks and the
+    numbers under the images are of ('global', 'local, re-ranked' ...), said by a line of
+    `caption` pixels added below the grid. Returns the written paths
     (out_dir/query_{index:05d}.png)."""
     distmat = np.asarray(distmat)
     labelled = q_ids is not None
@@ -66,8 +68,11 @@ def save_ranked_lists(distmat, q_ids, g_ids, q_cams, g_cams, q_images, g_images,
         if not labelled:
             keep = np.isfinite(distmat[qi][order])
         ranked = order[keep][:top_k]
-        canvas = Image.new('RGB', (cell_w * (top_k + 1) + gap, cell_h + caption), 'white')
+        canvas = Image.new('RGB', (cell_w * (top_k + 1) + gap, cell_h + caption * (2 if distance else 1)),
+                           'white')
         draw = ImageDraw.Draw(canvas)
+        if distance:
+            draw.text((2, cell_h + caption + 2), f"distance: {distance}", fill='black', font=font)
         canvas.paste(_framed(_open(q_images[qi], size), QUERY_COLOR, border), (0, 0))
         draw.text((2, cell_h + 2), f"query {q_ids[qi]}" if labelled else "query", fill='black',
                   font=font)

@@ -16,6 +16,8 @@ import subprocess
 import sys
 import time
 
+from aligned_reid import cli
+
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 # The rows of the paper's and the original README's tables. Flags common to all settings come
@@ -61,7 +63,7 @@ DISTANCES = (('global', 'global'), ('local', 'local'), ('global_local', 'global 
 
 
 def build_parser():
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = cli.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument('--preset', choices=sorted(PRESETS), default='cpu',
                    help='cpu: ResNet-18, 64 x 32, last stride 1 (4 stripes), about an hour on 2 quiet cores; '
                         'gpu: ResNet-50, 256 x 128 (8 stripes), ImageNet weights, amp. Default: cpu')

@@ -8,7 +8,6 @@ re-ranking vs the dense loop implementation (time, peak memory), query x gallery
 Peak memory is measured in a spawned child: VmHWM from /proc/self/status after the inputs are
 loaded and the high-water mark reset (/proc/self/clear_refs), minus VmRSS at that moment; the
 child's user and system CPU seconds and minor page faults come from resource.getrusage."""
-import argparse
 import multiprocessing as mp
 import os
 import resource
@@ -19,6 +18,7 @@ import time
 import numpy as np
 import torch
 
+from aligned_reid import cli
 from aligned_reid.evaluation import compute_dist, evaluate_rank
 from aligned_reid.loss import local_dist
 from aligned_reid.re_ranking import re_ranking, re_ranking_features
@@ -328,7 +328,7 @@ def bench_msmt17(dim, tmp, threads=None):
 
 
 def build_parser():
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p = cli.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument('--dim', type=int, default=256, help='synthetic feature size (default 256)')
     p.add_argument('--skip_dense', action='store_true',
                    help='skip the dense re-ranking baseline (needs ~6-9 GB; default: run it)')

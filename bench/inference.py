@@ -17,7 +17,7 @@ import time
 import numpy as np
 import torch
 
-from aligned_reid import distance, inference
+from aligned_reid import cli, distance, inference
 from aligned_reid.model import Model
 from aligned_reid.synthetic import make_camera, make_identity, render_image
 
@@ -33,7 +33,7 @@ def load_script(name):
 
 
 def build_parser():
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = cli.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument('--part', choices=('extract', 'search', 'all'), default='all', help='what to time. Default: all')
     p.add_argument('--base_model', default='resnet50', help='backbone for extraction. Default: resnet50')
     p.add_argument('--resize_h_w', type=int, nargs=2, default=(256, 128), help='input size. Default: 256 128')

@@ -3,11 +3,11 @@ against the straightforward per-cell dynamic programme, in the same process.
 
 On a CPU crowded by other jobs, intra-op threads spend their time waiting for each other;
 `--threads 1` then gives the steadier comparison. Example: python bench/local_distance.py"""
-import argparse
 import time
 
 import torch
 
+from aligned_reid import cli
 from aligned_reid.loss import local_dist
 
 
@@ -75,7 +75,7 @@ def main(args):
 
 
 def build_parser():
-    p = argparse.ArgumentParser(description=__doc__)
+    p = cli.ArgumentParser(description=__doc__)
     p.add_argument("--num_query", type=int, default=1000, help="query images (default 1000)")
     p.add_argument("--num_gallery", type=int, default=1000, help="gallery images (default 1000)")
     p.add_argument("--stripes", type=int, default=8, help="stripes per image (default 8)")

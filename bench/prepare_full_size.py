@@ -3,7 +3,6 @@
 CUHK03; prints the time, the ratio to a bare hard-link loop over the same files (the baseline, run in the same
 process), the share of the time spent decoding every input image, and the official-counts check.
 Run: python bench/prepare_full_size.py [--datasets market1501 duke msmt17 cuhk03] [--im_size 128 64]"""
-import argparse
 import io
 import os
 import shutil
@@ -17,6 +16,7 @@ import zipfile
 import numpy as np
 from PIL import Image
 
+from aligned_reid import cli
 from aligned_reid.prepare import OFFICIAL_COUNTS, market_layout_items, prepare_market_layout, write_prepared
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -266,7 +266,7 @@ def run(name, work):
 
 
 def build_parser():
-    p = argparse.ArgumentParser(description=__doc__)
+    p = cli.ArgumentParser(description=__doc__)
     p.add_argument('--datasets', nargs='+', default=['market1501', 'market1501_zip', 'duke', 'msmt17', 'cuhk03'],
                    choices=['market1501', 'market1501_zip', 'duke', 'msmt17', 'cuhk03'],
                    help='market1501_zip: Market-1501 from its zip (default: all)')

@@ -1,6 +1,5 @@
 """Raw-pixel Euclidean baseline on the synthetic test split: resize, flatten, rank the gallery by
 Euclidean distance, print Rank-1/mAP (shows how much the camera nuisances defeat raw pixels)."""
-import argparse
 import os
 import tempfile
 import time
@@ -8,6 +7,7 @@ import time
 import numpy as np
 from PIL import Image
 
+from aligned_reid import cli
 from aligned_reid.data import parse_im_name, partitions_images_dir, read_partitions
 from aligned_reid.evaluation import evaluate_rank
 from aligned_reid.prepare import prepare_market_layout
@@ -15,7 +15,7 @@ from aligned_reid.synthetic import render_market_tree
 
 
 def build_parser():
-    p = argparse.ArgumentParser(description=__doc__)
+    p = cli.ArgumentParser(description=__doc__)
     p.add_argument('--partitions', default=None,
                    help='partitions.pkl of a prepared synthetic set (default: none, render the '
                         'default set into a temporary folder)')

@@ -7,7 +7,6 @@ Market-1501 scale against a dense implementation of the published algorithm.
         --base_model resnet50 --resize_h_w 256 128 --workers 12 --amp true    # Market-size run
     python bench/test_throughput.py --compare_re_ranking     # adds the 3,368 x 15,913 comparison
 The model is randomly initialised: the work does not depend on the weights."""
-import argparse
 import os
 import subprocess
 import sys
@@ -17,7 +16,7 @@ import time
 import numpy as np
 import torch
 
-from aligned_reid import data, evaluation
+from aligned_reid import cli, data, evaluation
 from aligned_reid.model import Model
 from aligned_reid.re_ranking import re_ranking, re_ranking_features
 from aligned_reid.cli import boolean
@@ -121,7 +120,7 @@ def compare_re_ranking(args):
 
 
 def build_parser():
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p = cli.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument('--partitions', default=None,
                    help='partitions.pkl of a prepared set to test on. Default: a synthetic set rendered '
                         'into --synthetic_dir')

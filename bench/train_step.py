@@ -1,14 +1,13 @@
 """Benchmark: one full AlignedReID training step (global + aligned local triplet + ID loss)
 against the bare backbone forward and backward on the same batch, in the same process.
 Example: python bench/train_step.py --base resnet50 --device cpu (add --threads 1 on a busy CPU)."""
-import argparse
 import functools
 import time
 
 import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 
-from aligned_reid import distance
+from aligned_reid import cli, distance
 from aligned_reid.loss import compute_losses
 from aligned_reid.model import Model
 
@@ -111,7 +110,7 @@ def main(args):
 
 
 def build_parser():
-    p = argparse.ArgumentParser(description=__doc__)
+    p = cli.ArgumentParser(description=__doc__)
     p.add_argument("--base", default="resnet50", help="backbone (default resnet50)")
     p.add_argument("--last_stride", type=int, default=2, help="last stride (default 2)")
     p.add_argument("--ids_per_batch", type=int, default=8, help="identities per batch (default 8)")

@@ -16,7 +16,7 @@ import time
 
 import torch
 
-from aligned_reid import data, engine
+from aligned_reid import cli, data, engine
 from aligned_reid.augment import Augment
 from aligned_reid.loss import compute_losses
 from aligned_reid.model import Model
@@ -128,7 +128,7 @@ def main(args):
 
 
 def build_parser():
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = cli.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument('--device', default='cpu', help="'cpu' or 'cuda'. Default: cpu")
     p.add_argument('--base_model', default='resnet18', help='backbone. Default: resnet18')
     p.add_argument('--last_stride', type=int, default=2, help='last stride. Default: 2')

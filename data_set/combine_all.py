@@ -1,8 +1,8 @@
 """Combines the trainval sets of prepared datasets (default Market-1501 + CUHK03 detected + DukeMTMC-reID)
 into one trainval set with disjoint identities and cameras. Run: cd data_set && python combine_all.py"""
-import argparse
 import os
 
+from aligned_reid import cli
 from aligned_reid.data import parse_im_name, partitions_images_dir, read_partitions
 from aligned_reid.prepare import Item, add_common_arguments, check_save_dir, run_cli, write_prepared
 
@@ -69,7 +69,7 @@ def combine(dataset_dirs, save_dir, overwrite=False, link=True, skip_bad_images=
 
 
 def build_parser():
-    p = argparse.ArgumentParser(description=__doc__)
+    p = cli.ArgumentParser(description=__doc__)
     p.add_argument('--datasets', nargs='+', default=DEFAULT_DATASETS,
                    help='prepared dataset folders (or their partitions.pkl) to combine, in id order '
                         '(default: %(default)s)')

@@ -1,7 +1,6 @@
 """Prepares CUHK03 into <save_dir>/labeled/ and <save_dir>/detected/ (images/ + partitions.pkl each), from
 cuhk03_release (cuhk-03.mat, MATLAB v7.3) with the new (CUHK03-NP) or classic split, or from the CUHK03-NP
 folders. Run: cd data_set && python cuhk03_prepare.py"""
-import argparse
 import os
 import re
 import shutil
@@ -11,6 +10,7 @@ from collections import defaultdict
 
 import numpy as np
 
+from aligned_reid import cli
 from aligned_reid.prepare import (OFFICIAL_COUNTS, Item, add_common_arguments, check_save_dir,
                                   prepare_market_layout, run_cli, val_marks_for_identity,
                                   write_prepared)
@@ -240,7 +240,7 @@ def _is_np_layout(raw):
 
 
 def build_parser():
-    p = argparse.ArgumentParser(description=__doc__)
+    p = cli.ArgumentParser(description=__doc__)
     add_common_arguments(p, DEFAULT_DIR, ZIP_NAME, FOLDER_NAME)
     p.add_argument('--split', default='new', choices=('new', 'classic'),
                    help="'new': the CUHK03-NP protocol, 767 train / 700 test ids; 'classic': one of the "

@@ -1,8 +1,8 @@
 """Prepares DukeMTMC-reID (the downloaded DukeMTMC-reID.zip or the extracted folder) into
 <save_dir>/images/ and <save_dir>/partitions.pkl. Run: cd data_set && python duke_prepare.py"""
-import argparse
 import os
 
+from aligned_reid import cli
 from aligned_reid.prepare import (OFFICIAL_COUNTS, add_common_arguments, prepare_market_layout,
                                   resolve_raw, run_cli)
 
@@ -12,7 +12,7 @@ FOLDER_NAME = 'DukeMTMC-reID'
 
 
 def build_parser():
-    p = argparse.ArgumentParser(description=__doc__)
+    p = cli.ArgumentParser(description=__doc__)
     add_common_arguments(p, DEFAULT_DIR, ZIP_NAME, FOLDER_NAME)
     return p
 

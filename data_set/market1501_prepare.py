@@ -1,8 +1,8 @@
 """Prepares Market-1501 (the downloaded zip or the extracted Market-1501-v15.09.15 folder) into
 <save_dir>/images/ and <save_dir>/partitions.pkl. Run: cd data_set && python market1501_prepare.py"""
-import argparse
 import os
 
+from aligned_reid import cli
 from aligned_reid.prepare import (OFFICIAL_COUNTS, add_common_arguments, prepare_market_layout,
                                   resolve_raw, run_cli)
 
@@ -12,7 +12,7 @@ FOLDER_NAME = 'Market-1501-v15.09.15'
 
 
 def build_parser():
-    p = argparse.ArgumentParser(description=__doc__)
+    p = cli.ArgumentParser(description=__doc__)
     add_common_arguments(p, DEFAULT_DIR, ZIP_NAME, FOLDER_NAME)
     p.add_argument('--no_gt_bbox', action='store_true',
                    help='leave out the gt_bbox/ multi-query images (default: use them)')

@@ -1,11 +1,11 @@
 """Prepares MSMT17 (V1 or V2: the zip or the extracted folder with train/ test/ or mask_train_v2/
 mask_test_v2/ and the list files) into <save_dir>/images/ and <save_dir>/partitions.pkl.
 Run: cd data_set && python msmt17_prepare.py"""
-import argparse
 import os
 import re
 import zipfile
 
+from aligned_reid import cli
 from aligned_reid.prepare import (OFFICIAL_COUNTS, Item, ZipMember, add_common_arguments,
                                   check_save_dir, run_cli, write_prepared)
 
@@ -140,7 +140,7 @@ def prepare_msmt17(raw, save_dir, overwrite=False, num_val_ids=100, seed=1, link
 
 
 def build_parser():
-    p = argparse.ArgumentParser(description=__doc__)
+    p = cli.ArgumentParser(description=__doc__)
     add_common_arguments(p, DEFAULT_DIR, 'MSMT17_V1.zip (or MSMT17_V2.zip)', 'MSMT17_V1 (or MSMT17_V2)')
     return p
 

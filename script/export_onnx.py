@@ -1,6 +1,5 @@
 """Exports a trained model's inference network (image -> global and local features) to ONNX with a dynamic batch
 axis, then runs the file with onnxruntime and fails unless it matches PyTorch (largest difference <= --tolerance)."""
-import argparse
 import os
 
 import numpy as np
@@ -24,7 +23,7 @@ class InferenceNet(torch.nn.Module):
 
 
 def build_parser():
-    p = argparse.ArgumentParser(description=__doc__)
+    p = cli.ArgumentParser(description=__doc__)
     p.add_argument('--model', required=True,
                    help='checkpoint file (train.py ckpt.pth or a bare state_dict) or experiment folder. '
                         'Default: none (required)')

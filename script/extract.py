@@ -1,6 +1,5 @@
 """Extracts the features of a folder of images (recursively), a list of image paths, or a split of a
 prepared partitions.pkl with a trained model into an HDF5 file; an interrupted run resumes when rerun."""
-import argparse
 import hashlib
 import json
 import os
@@ -14,14 +13,14 @@ from tqdm import tqdm
 
 from aligned_reid import cli
 from aligned_reid.checkpoint import MODEL_FLAGS
-from aligned_reid.inference import FEATURES_FORMAT as FORMAT, FeatureExtractor, ImageFiles, list_images
+from aligned_reid.inference import FEATURES_FORMAT as FORMAT, FeatureExtractor, ImageFiles, decode_text, list_images
 from aligned_reid.cli import boolean
 
 SPLITS = ('trainval', 'train', 'val', 'test')
 
 
 def build_parser():
-    p = argparse.ArgumentParser(description=__doc__)
+    p = cli.ArgumentParser(description=__doc__)
     p.add_argument('--model', required=True,
                    help='trained model: a checkpoint file (train.py ckpt.pth or a bare state_dict) or an '
                         'experiment folder holding ckpt.pth. Default: none (required)')
@@ -47,7 +46,8 @@ def build_parser():
                    help='mixed precision on CUDA (ignored on the CPU). Default: false')
     cli.add_device_argument(p)
     p.add_argument('--batch_size', type=int, default=64, help='images per forward pass. Default: 64')
-    p.add_argument('--workers', type=int, default=4, help='image decoding worker processes. Default: 4')
+    p.add_argument('--workers', type=int, default=cli.default_workers(),
+                   help='image decoding worker processes. ' + cli.WORKERS_HELP)
     p.add_argument('--chunk_size', type=int, default=1024,
                    help='images per HDF5 write; at most this much work is redone after an interruption. '
                         'Default: 1024')
@@ -226,6 +226,13 @@ def main(args):
         done = extract(extractor, paths, f, args.local, args.batch_size, args.workers, args.chunk_size,
                        args.max_images, args.progress, logger)
         rows, skipped = int(f.attrs['rows']), int(f.attrs['num_skipped'])
+        if f.attrs['complete'] and not rows:  # a features file of nothing would pass for a result
+            first = ['{}: {}'.format(*e) for e in zip(decode_text(f['skipped'][:1]),
+                                                      decode_text(f['skipped_errors'][:1]))]
+            f.close()
+            os.remove(args.output)
+            raise ValueError('none of the {} inputs of {} is a readable image{}; no features file written'.format(
+                len(paths), args.images or args.partitions, ' (the first: {})'.format(first[0]) if first else ''))
         logger.info('%d inputs in %.1f s; %s holds %d feature rows%s, %d of %d inputs done', done,
                     time.time() - t0, args.output, rows, ' (global + local)' if args.local else '',
                     int(f.attrs['position']), len(paths))

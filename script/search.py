@@ -1,7 +1,6 @@
 """Searches a gallery (a folder or list of images, or a features file of extract.py) for query images with a
 trained model: exact top-k in bounded memory (or a faiss shortlist re-scored exactly), optional re-ranking,
 results as CSV or JSON and ranked-list pictures."""
-import argparse
 import csv
 import json
 import os
@@ -18,7 +17,7 @@ MAX_RERANK_GALLERY = 30000    # re-ranking holds dense gallery x gallery matrice
 
 
 def build_parser():
-    p = argparse.ArgumentParser(description=__doc__)
+    p = cli.ArgumentParser(description=__doc__)
     p.add_argument('--query', required=True,
                    help='query images: a folder (recursive), a text file of paths, or a features file (.h5) of '
                         'extract.py. Default: none (required)')
@@ -60,8 +59,12 @@ def build_parser():
     p.add_argument('--amp', type=boolean, nargs='?', const=True, default=False,
                    help='mixed precision on CUDA. Default: false')
     cli.add_device_argument(p)
+    p.add_argument('--allow_other_settings', type=boolean, nargs='?', const=True, default=False,
+                   help='rank even when the query and gallery features were extracted at different input sizes '
+                        '(their distances then mean little). Default: false (refuse)')
     p.add_argument('--batch_size', type=int, default=64, help='images per forward pass. Default: 64')
-    p.add_argument('--workers', type=int, default=4, help='image decoding worker processes. Default: 4')
+    p.add_argument('--workers', type=int, default=cli.default_workers(),
+                   help='image decoding worker processes. ' + cli.WORKERS_HELP)
     return p
 
 
@@ -188,8 +191,8 @@ def write_results(path, q_paths, g_paths, index, dist):
     os.replace(tmp, path)
 
 
-def draw(q_paths, g_paths, index, dist, n, vis_dir, size):
-    """Ranked lists of the first n queries, grey frames (no identity labels)."""
+def draw(q_paths, g_paths, index, dist, n, vis_dir, size, distance=None):
+    """Ranked lists of the first n queries, grey frames (no identity labels), titled with `distance`."""
     from aligned_reid import visualize
     n = min(n, len(q_paths))
     cols = np.unique(index[:n][index[:n] >= 0])                  # gallery items shown, in index order
@@ -198,7 +201,7 @@ def draw(q_paths, g_paths, index, dist, n, vis_dir, size):
         ok = index[qi] >= 0
         mat[qi, np.searchsorted(cols, index[qi][ok])] = dist[qi][ok]
     return visualize.save_ranked_lists(mat, None, None, None, None, q_paths[:n], [g_paths[c] for c in cols],
-                                       vis_dir, top_k=index.shape[1], size=size)
+                                       vis_dir, top_k=index.shape[1], size=size, distance=distance)
 
 
 def main(args):
@@ -215,6 +218,11 @@ def main(args):
         q_feats = {k: np.asarray(v[:]) for k, v in q_feats.items()}
         g_paths, g_feats, g_set = load_side(args.gallery, extractor, local, args, logger, files)
         cfg = extractor.cfg if extractor is not None else (q_set or g_set)['cfg']
+        sizes = [tuple((s['cfg'] if s else extractor.cfg)['resize_h_w']) for s in (q_set, g_set)]
+        if sizes[0] != sizes[1] and not args.allow_other_settings:
+            raise ValueError('query features are of {} x {} inputs, gallery features of {} x {}: their distances '
+                             'mean little; extract both at one size (or pass --allow_other_settings true)'.format(
+                                 *sizes[0], *sizes[1]))
         models = {s['model'] for s in (q_set, g_set) if s} | ({os.path.abspath(extractor.path)} if extractor else set())
         if len(models) > 1:
             logger.warning('query and gallery features come from different checkpoints (%s): their distances '
@@ -234,7 +242,8 @@ def main(args):
     if args.num_vis_queries:
         vis_dir = args.vis_dir or os.path.splitext(args.output)[0] + '_ranks'
         h, w = cfg['resize_h_w']
-        draw(q_paths, g_paths, index, dist, args.num_vis_queries, vis_dir, (max(h, 128), max(w, 64)))
+        draw(q_paths, g_paths, index, dist, args.num_vis_queries, vis_dir, (max(h, 128), max(w, 64)),
+             distance=args.distance + (', re-ranked' if args.re_rank else ''))
         logger.info('pictures written to %s', vis_dir)
     return q_paths, g_paths, index, dist
 

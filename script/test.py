@@ -1,6 +1,5 @@
 """Tests a model trained by train.py on a prepared dataset (the same one or another: cross-dataset),
 with global / local / global+local distances and optional re-ranking; prints the table, writes metrics."""
-import argparse
 import os
 
 import numpy as np
@@ -27,21 +26,17 @@ TRAINING_FLAGS = {
 }
 
 
-class TrainingFlag(argparse.Action):
-    """A flag of train.py that test.py has no use for: stops the parse with one line saying so and what test.py
-    uses instead (the action's help), not argparse's 'unrecognized arguments'. Nothing is stored."""
+class TrainingFlag(cli.RefusedFlag):
+    """A flag of train.py that test.py has no use for (not argparse's 'unrecognized arguments')."""
+    what = 'a flag of training (train.py), not of test.py'
 
-    def __init__(self, *args, **kwargs):
-        kwargs.setdefault('default', argparse.SUPPRESS)
-        super().__init__(*args, **kwargs)
 
-    def __call__(self, parser, namespace, values, option_string=None):
-        parser.error('{} is a flag of training (train.py), not of test.py: {}'.format(
-            option_string, self.help.split('. Default:')[0]))
+# Model flags whose value a trained run fixes: testing at other values needs --allow_other_settings true.
+RUN_SETTINGS = ('resize_h_w', 'last_stride', 'normalize_feature')
 
 
 def build_parser():
-    p = argparse.ArgumentParser(description=__doc__)
+    p = cli.ArgumentParser(description=__doc__)
     p.add_argument('--onlytest', '--only_test', dest='onlytest', type=boolean, default=True,
                    help="accepted for the original's command line; test.py always only tests. Default: true")
     p.add_argument('--to_re_rank', type=boolean, default=True,
@@ -78,7 +73,8 @@ def build_parser():
                    help='average features of the image and its mirror (true/false). Default: false')
     p.add_argument('--test_batch_size', '--batch_size', dest='test_batch_size', type=int, default=64,
                    help='batch size of feature extraction. Default: 64')
-    p.add_argument('--workers', type=int, default=4, help='data loader worker processes. Default: 4')
+    p.add_argument('--workers', type=int, default=cli.default_workers(),
+                   help='data loader worker processes. ' + cli.WORKERS_HELP)
     cli.add_device_argument(p)
     p.add_argument('--amp', type=boolean, nargs='?', const=True, default=False,
                    help='mixed-precision feature extraction on CUDA. Default: false')
@@ -87,6 +83,11 @@ def build_parser():
     p.add_argument('--vis_dir', default=None,
                    help='folder of the pictures. Default: <exp_dir>/ranks_<test_dataset>')
     cli.add_model_arguments(p)
+    p.add_argument('--allow_other_settings', type=boolean, default=False,
+                   help='test with --resize_h_w / --last_stride / --normalize_feature values other than those the '
+                        'checkpoint was trained with (true/false); the metrics then go to metrics_<settings>.json '
+                        '(for example metrics_256x128.json), never to the run\'s metrics.json. Default: false (such '
+                        'a flag stops the test)')
     old = p.add_argument_group("the older reproduction's flags with no counterpart here (each stops with a "
                                'line naming what to use instead)')
     old.add_argument('-d', '--sys_device_ids', action=OldFlag, nargs='?', help=cli.OLD_DEVICE_HELP)
@@ -147,8 +148,9 @@ def check_args(parser, args):
                          '--model_weight_file)'.format(args.train_dataset, args.model_weight_file))
     elif not os.path.isfile(args.model_weight_file):
         parser.error('--model_weight_file: file not found: {}'.format(args.model_weight_file))
-    if not os.path.isfile(args.test_partitions):
-        parser.error('--test_partitons: partitions file not found: {}'.format(args.test_partitions))
+    problem = data.partitions_file_problem(args.test_partitions)
+    if problem:
+        parser.error('--test_partitons: {}'.format(problem))
     cli.check_device(parser, args)
     for flag, low in (('test_batch_size', 1), ('workers', 0), ('num_vis_queries', 0)):
         if getattr(args, flag) < low:
@@ -159,7 +161,36 @@ def check_args(parser, args):
             parser.error('{}: {} (results are written there)'.format(flag, problem))
     if args.start is None:
         args.start = read_model_file(args.model_weight_file, args.model_index)
+    args.other_settings = other_settings(args)
+    if args.other_settings and not args.allow_other_settings:
+        parser.error('{}: {} was trained with {}; a test at other settings than the model\'s gives other results. '
+                     'Drop the flag, or pass --allow_other_settings true to test so anyway (the metrics then go to '
+                     'metrics_{}.json, not metrics.json)'.format(
+                         settings_flags(args.other_settings), args.model_weight_file,
+                         settings_flags(args.other_settings, saved=True), settings_tag(args.other_settings)))
     return args
+
+
+def settings_flags(changed, saved=False):
+    """The flags of other_settings as typed, with the values given (or, `saved`, the checkpoint's):
+    '--resize_h_w 256 128 --normalize_feature true'."""
+    return ' '.join('--{} {}'.format(k, cli.flag_value(values[saved])) for k, values in changed.items())
+
+
+def other_settings(args):
+    """{flag: (value given, value saved)} for the flags of RUN_SETTINGS given on the command line that differ
+    from the arguments saved in the checkpoint (a file without saved arguments contradicts nothing)."""
+    saved = args.start['args'] if args.start else {}
+    plain = lambda v: [int(x) for x in v] if isinstance(v, (list, tuple)) else v
+    return {k: (getattr(args, k), saved[k]) for k in RUN_SETTINGS
+            if getattr(args, k) is not None and k in saved and plain(getattr(args, k)) != plain(saved[k])}
+
+
+def settings_tag(changed):
+    """The other settings of a test in file names: '256x128', 'stride1', 'normalized' ... joined by '_'."""
+    names = {'resize_h_w': lambda v: '{}x{}'.format(*v), 'last_stride': lambda v: 'stride{}'.format(v),
+             'normalize_feature': lambda v: 'normalized' if v else 'unnormalized'}
+    return '_'.join(names[k](changed[k][0]) for k in RUN_SETTINGS if k in changed)
 
 
 def parse_args(argv=None):
@@ -186,25 +217,31 @@ def evaluate(model, partitions, im_dir, cfg, args, device):
 
 
 def draw(feats, results, partitions, im_dir, args, cfg):
-    """Ranked lists of the first --num_vis_queries queries (distance of --test_distance, before re-ranking)
-    and the CMC curves of every result, through aligned_reid.visualize. Returns the folder."""
+    """Ranked lists of the first --num_vis_queries queries (distance of --test_distance, before re-ranking, named
+    in each picture) and the CMC curves of every result, through aligned_reid.visualize. Returns the folder."""
     from aligned_reid import visualize
-    vis_dir = args.vis_dir or os.path.join(args.exp_dir, 'ranks_{}'.format(args.test_dataset))
+    vis_dir = args.vis_dir or os.path.join(args.exp_dir, 'ranks_{}'.format(results_tag(args, args.test_dataset)))
     os.makedirs(vis_dir, exist_ok=True)
     marks = np.asarray(feats['marks'])
     q, g = marks == 0, marks == 1
     pick = lambda sel: {k: feats[k][sel] for k in ('global', 'local') if k in feats}
-    distmat = evaluation.compute_dist(pick(q), pick(g), distance=DISTANCES[args.test_distance][0],
-                                      normalize=cfg['normalize_feature'])
+    distance = DISTANCES[args.test_distance][0]
+    distmat = evaluation.compute_dist(pick(q), pick(g), distance=distance, normalize=cfg['normalize_feature'])
     distmat = distmat.cpu().numpy() if torch.is_tensor(distmat) else np.asarray(distmat)
     names = np.asarray([os.path.join(im_dir, n) for n in evaluation.test_images(partitions, 'test', args.multi_query)[0]])
     ids, cams = np.asarray(feats['ids']), np.asarray(feats['cams'])
     h, w = cfg['resize_h_w']
     visualize.save_ranked_lists(distmat, ids[q], ids[g], cams[q], cams[g], list(names[q]), list(names[g]),
                                 vis_dir, query_indices=list(range(min(args.num_vis_queries, int(q.sum())))),
-                                size=(max(h, 128), max(w, 64)))
+                                size=(max(h, 128), max(w, 64)), distance=distance)
     visualize.plot_cmc({name: r['cmc'] for name, r in results.items()}, os.path.join(vis_dir, 'cmc.png'))
     return vis_dir
+
+
+def results_tag(args, *parts):
+    """`parts` and the tag of other settings (settings_tag) joined by '_': what a test's metrics file and
+    pictures folder are named for, so that a test at other settings never replaces the run's own."""
+    return '_'.join(list(parts) + ([settings_tag(args.other_settings)] if args.other_settings else []))
 
 
 def main(args):
@@ -219,6 +256,11 @@ def main(args):
     model, cfg = load_model(args, device)  # read and recognised before anything is written
     args.start = None
     logger = cli.setup_logging(os.path.join(args.exp_dir, 'test.log'))
+    if args.other_settings:
+        logger.warning('warning: testing with %s, not the %s that %s was trained with (--allow_other_settings '
+                       'true): the results differ from the run\'s and are written apart from its metrics.json',
+                       settings_flags(args.other_settings), settings_flags(args.other_settings, saved=True),
+                       args.model_weight_file)
     if not cfg['size_from_checkpoint']:
         logger.warning('warning: %s holds no input size (a bare state dict?): testing at %d x %d; give '
                        '--resize_h_w H W if the model was trained at another size', args.model_weight_file,
@@ -232,8 +274,8 @@ def main(args):
     logger.info('train %s -> test %s, %s distance%s, input %d x %d%s:\n%s', args.train_dataset, args.test_dataset,
                 args.test_distance, ', multi-query ' + args.multi_query if args.multi_query != 'none' else '',
                 h, w, ', flip' if args.flip else '', table)
-    name = 'metrics.json' if args.test_dataset == args.train_dataset else 'metrics_{}.json'.format(args.test_dataset)
-    out = os.path.join(args.exp_dir, name)
+    tag = results_tag(args, *[args.test_dataset] if args.test_dataset != args.train_dataset else [])
+    out = os.path.join(args.exp_dir, 'metrics_{}.json'.format(tag) if tag else 'metrics.json')
     checkpoint.write_json(evaluation.metrics_record(
         results, args.train_dataset, args.test_dataset, args.test_partitions, args.ap_mode,
         model_weight_file=args.model_weight_file, test_distance=args.test_distance, multi_query=args.multi_query,
