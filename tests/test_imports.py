@@ -82,8 +82,6 @@ LOADERS = {'spec_from_file_location', 'SourceFileLoader', 'load_source', 'run_pa
 STILL_LOADING = {
     'bench/inference.py': 'bench/inference.py loads scripts until the features writer moves into '
                           'aligned_reid.inference',
-    'bench/prepare_full_size.py': 'bench/prepare_full_size.py loads data_set/msmt17_prepare.py and '
-                                  'cuhk03_prepare.py to time them in-process; not moved yet',
     'bench/test_throughput.py': 'bench/test_throughput.py imports bench/evaluation.py (clustered_like, '
                                 'bench_re_ranking) through sys.path; not moved yet',
 }

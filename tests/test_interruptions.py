@@ -15,7 +15,7 @@ from aligned_reid import prepare as prepare_lib
 from aligned_reid.data import read_partitions
 from aligned_reid.prepare import prepare_market_layout
 from aligned_reid.synthetic import render_market_tree
-from script_loader import REPO, load_script
+from conftest import REPO, load_script
 
 train_script = load_script('script', 'train')
 synthetic_prepare = load_script('data_set', 'synthetic_prepare')

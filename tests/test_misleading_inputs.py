@@ -14,7 +14,7 @@ from aligned_reid import checkpoint, cli, visualize
 from aligned_reid.model import Model
 from aligned_reid.prepare import prepare_market_layout
 from aligned_reid.synthetic import render_market_tree
-from script_loader import load_script
+from conftest import load_script
 
 train_script = load_script('script', 'train')
 test_script = load_script('script', 'test')

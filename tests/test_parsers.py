@@ -7,7 +7,7 @@ import os
 import pytest
 
 from aligned_reid import cli, data
-from script_loader import REPO, load_script
+from conftest import REPO, load_script
 
 train_script = load_script('script', 'train')
 test_script = load_script('script', 'test')
