@@ -507,7 +507,8 @@ class FeaturesWriter:
         action()
 
     def _start(self):
-        for name in os.listdir(self.dir):
+        # The header goes first: a kill halfway through leaves chunks that no header vouches for.
+        for name in sorted(os.listdir(self.dir), key=lambda n: n != 'header.json'):
             if name != 'lock':
                 self._io(os.remove, os.path.join(self.dir, name))
         self._atomic_write('header.json', lambda f: f.write(json.dumps(self.header, indent=1).encode()))
@@ -585,14 +586,17 @@ class FeaturesWriter:
         self.chunks.append(name)
         self.position = stop
 
-    def _chunk(self, name):
+    def _chunk(self, name, keys=None):
+        """The arrays `keys` (all by default) of a chunk. A chunk damaged from outside (the writer never
+        leaves one) is removed with those after it, so that the rerun redoes them."""
         try:
             with np.load(os.path.join(self.dir, name), allow_pickle=False) as z:
-                return {k: z[k] for k in z.files}
-        except Exception as e:  # noqa: BLE001  (damaged from outside: a zip, pickle or value error)
-            os.remove(os.path.join(self.dir, name))
-            for later in self.chunks[self.chunks.index(name) + 1:]:
+                return {k: z[k] for k in (keys or z.files)}
+        except Exception as e:  # noqa: BLE001  (a zip, pickle, key or value error)
+            at = self.chunks.index(name)
+            for later in self.chunks[at:]:
                 os.remove(os.path.join(self.dir, later))
+            self.chunks, self.position = self.chunks[:at], int(_CHUNK.match(name).group(1))
             raise ValueError(f'{self.dir}: chunk {name} is damaged ({e}); it and the chunks after it are '
                              'removed: rerun the same command to redo them') from None
 
@@ -602,9 +606,8 @@ class FeaturesWriter:
         if self.position != self.header['num_inputs']:
             raise ValueError(f'finish: {self.position} of {self.header["num_inputs"]} inputs done')
         rows = skipped = text_bytes = 0
-        for name in self.chunks:
-            with np.load(os.path.join(self.dir, name), allow_pickle=False) as z:
-                texts = [z[k] for k in ('paths', 'skipped', 'skipped_errors')]
+        for name in list(self.chunks):
+            texts = list(self._chunk(name, ('paths', 'skipped', 'skipped_errors')).values())
             rows, skipped = rows + len(texts[0]), skipped + len(texts[1])
             text_bytes += sum((t.dtype.itemsize // 4 + 48) * len(t) for t in texts)   # longest x count
         # The file's size, about (vlen strings: heap entry and reference), checked first so that a full disk

@@ -143,6 +143,20 @@ def test_writer_and_reader_agree_on_hand_made_chunks(tmp_path):
         inference.FeaturesWriter(path, inputs[::-1], settings, dims)
 
 
+def test_a_damaged_chunk_is_redone_not_read(tmp_path):
+    inputs, dims, settings = ['a.jpg', 'b.jpg', 'c.jpg'], {'global': (4,)}, {'model': 'm.pth'}
+    path = tmp_path / 'f.h5'
+    with inference.FeaturesWriter(path, inputs, settings, dims) as w:
+        w.commit(2, inputs[:2], {'global': np.ones((2, 4))}, [], [])
+        w.commit(3, inputs[2:], {'global': np.ones((1, 4))}, [], [])
+        (tmp_path / 'f.h5.unfinished' / '000000000000-000000000002.npz').write_bytes(b'damaged from outside')
+        with pytest.raises(ValueError, match=r'chunk 000000000000-000000000002\.npz is damaged .* rerun'):
+            w.finish()
+    assert not path.exists()
+    with inference.FeaturesWriter(path, inputs, settings, dims) as w:
+        assert w.position == 0 and w.chunks == []
+
+
 # ----------------------------------------------------------------------------- killed
 
 DRIVER = r'''
