@@ -294,6 +294,9 @@ def _load_rgb(path):
         raise UnreadableImageError("cannot read image {}: {}".format(path, e)) from None
 
 
+load_image = _load_rgb   # the public name: aligned_reid.inference opens its images with it too
+
+
 def unreadable_image_line(exc):
     """The one-line 'cannot read image <path>: <reason>' of an UnreadableImageError, also when a
     DataLoader worker re-raised it with the worker's whole traceback folded into the message."""

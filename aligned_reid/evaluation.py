@@ -34,6 +34,23 @@ def test_images(partitions, split='test', multi_query=None):
     return [names[i] for i in keep], [int(marks[i]) for i in keep]
 
 
+def forward_features(model, images, flip=False, amp=False, keys=('global', 'local')):
+    """The test-time features of one batch images [B, 3, H, W] (on the model's device) -> dict of
+    float32 tensors, for each of `keys` the model gives: 'global' [B, C], 'local' [B, h, c].
+    flip=True averages in the features of the mirrored batch (a horizontal flip does not move rows,
+    so stripes keep their meaning); amp=True runs the model under autocast on the images' device
+    type. Call under torch.inference_mode() with the model in eval mode."""
+    with torch.autocast(device_type=images.device.type, enabled=amp):
+        out = model(images)
+        out_flip = model(torch.flip(images, dims=[3])) if flip else None
+    feats = {}
+    for key in keys:
+        if key in out:
+            f = out[key].float()
+            feats[key] = (f + out_flip[key].float()) / 2. if flip else f
+    return feats
+
+
 def extract_features(model, loader, device, flip=False, amp=False, progress=True):
     """Run `model` over a test loader and collect its features in dataset order.
 
@@ -56,18 +73,9 @@ def extract_features(model, loader, device, flip=False, amp=False, progress=True
         with torch.inference_mode():
             for images, indices in tqdm(loader, desc='extract features', disable=not progress,
                                         leave=False):
-                images = images.to(device, non_blocking=True)
-                with torch.autocast(device_type=device.type, enabled=amp):
-                    out = model(images)
-                    if flip:
-                        out_flip = model(torch.flip(images, dims=[3]))
+                out = forward_features(model, images.to(device, non_blocking=True), flip, amp)
                 idx = np.asarray(indices, dtype=np.int64)
-                for key in ('global', 'local'):
-                    if key not in out:
-                        continue
-                    f = out[key].float()
-                    if flip:
-                        f = (f + out_flip[key].float()) / 2.
+                for key, f in out.items():
                     f = f.cpu().numpy()
                     if key not in feats:
                         feats[key] = np.zeros((n,) + f.shape[1:], dtype=np.float32)

@@ -1,7 +1,8 @@
-"""Benchmark of using a trained model: extraction images/s (script/extract.py's loop into HDF5, and
-FeatureExtractor on files) against the bare model forward on ready tensors, in the same process; and
-query x gallery search time, exact (blocked top-k) against the dense matrix + argsort route of
-evaluation, and with a faiss first stage, with the recall of its shortlist against the exact top-k.
+"""Benchmark of using a trained model: extraction images/s (extract.py's route, inference.extract_to_file
+into a features file, and FeatureExtractor on files) against the bare model forward on ready tensors, in
+the same process; and query x gallery search time, exact (blocked top-k) against the dense matrix +
+argsort route of evaluation, and with a faiss first stage, with the recall of its shortlist against the
+exact top-k.
 
 Features for the search are synthetic (identity centres plus noise), generated in blocks.
 Examples:
@@ -9,7 +10,6 @@ Examples:
   python bench/inference.py --part search --sizes 3368x15913
   python bench/inference.py --part search --sizes 10000x1000000 --exact_queries 200"""
 import argparse
-import importlib.util
 import os
 import tempfile
 import time
@@ -20,17 +20,6 @@ import torch
 from aligned_reid import cli, distance, inference
 from aligned_reid.model import Model
 from aligned_reid.synthetic import make_camera, make_identity, render_image
-
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-
-
-def load_script(name):
-    """script/<name>.py as a module (scripts are files, not a package)."""
-    spec = importlib.util.spec_from_file_location(f'script_{name}', os.path.join(REPO, 'script', f'{name}.py'))
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
 
 def build_parser():
     p = cli.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -62,7 +51,6 @@ def build_parser():
 # ----------------------------------------------------------------------------- extraction
 
 def bench_extract(args):
-    extract_script = load_script('extract')
     h, w = args.resize_h_w
     torch.manual_seed(0)
     model = Model(base=args.base_model).eval()
@@ -91,18 +79,13 @@ def bench_extract(args):
 
         def to_hdf5():
             out = os.path.join(tmp, 'f.h5')
-            settings = {'model': ckpt}
-            dims = {k: tuple(v.shape[1:]) for k, v in ext.embed(batch[:1]).items()}
-            f = extract_script.open_output(out, paths, settings, dims, overwrite=True)
-            try:
-                extract_script.extract(ext, paths, f, True, args.batch_size, args.workers, 1024, progress=False)
-            finally:
-                f.close()
+            with inference.FeaturesWriter(out, paths, ext.settings(True), ext.dims(True), overwrite=True) as w:
+                inference.extract_to_file(ext, paths, w, True, args.workers, 1024, progress=False)
 
         rates = {}
         for _ in range(args.repeats):         # interleaved, best of each: other jobs' load comes and goes
             for name, fn in (('bare forward', bare), ('FeatureExtractor.extract_files', files),
-                             ('extract.py loop -> HDF5', to_hdf5)):
+                             ('extract.py chunks -> HDF5', to_hdf5)):
                 t = time.perf_counter()
                 fn()
                 rates[name] = max(rates.get(name, 0.), args.num_images / (time.perf_counter() - t))

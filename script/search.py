@@ -7,7 +7,6 @@ import os
 import time
 
 import numpy as np
-import torch
 
 from aligned_reid import distance as dist_lib
 from aligned_reid import cli, inference
@@ -88,8 +87,25 @@ def check_args(parser, args):
         parser.error('--num_vis_queries and --workers must be >= 0')
     if args.faiss_index is not None and args.re_rank:
         parser.error('--re_rank needs the exact distances to the whole gallery; drop --faiss_index')
+    if args.faiss_index is not None and args.shortlist < args.top_k:
+        parser.error('--shortlist {} is below --top_k {}: the top-k are chosen from the shortlist, so the lists '
+                     'would be shorter; raise --shortlist to at least {}'.format(args.shortlist, args.top_k,
+                                                                                  args.top_k))
+    if os.path.isdir(args.output):
+        parser.error('--output {} is a folder; give the .csv or .json file to write'.format(args.output))
+    outputs = [('--output', os.path.dirname(os.path.abspath(args.output)))]
+    if args.num_vis_queries:
+        outputs.append(('--vis_dir', vis_dir(args)))
+    for flag, folder in outputs:
+        problem = cli.writable_folder_problem(folder)
+        if problem:
+            parser.error('{} {}: {}'.format(flag, getattr(args, flag[2:]) or folder, problem))
     cli.check_device(parser, args)
     return args
+
+
+def vis_dir(args):
+    return args.vis_dir or os.path.splitext(args.output)[0] + '_ranks'
 
 
 def parse_args(argv=None):
@@ -100,7 +116,7 @@ def parse_args(argv=None):
 # ----------------------------------------------------------------------------- features
 
 def load_side(source, extractor, local, args, logger, files):
-    """Features of one side -> (paths, dict of arrays or h5py datasets, settings or None).
+    """Features of one side -> (paths, dict of arrays or h5py datasets, settings of the model that made them).
     A features file stays on disk (kept open in `files`) and is read in blocks."""
     if _is_features(source):
         f = inference.open_features(source)
@@ -114,13 +130,32 @@ def load_side(source, extractor, local, args, logger, files):
         return inference.decode_text(f['paths'][:]), feats, json.loads(f.attrs['settings'])
     paths = inference.list_images(source)
     kept, feats, skipped = extractor.extract_files(paths, local=local, workers=args.workers)
-    for path, error in skipped:
-        logger.warning('skipped %s: %s', path, error)
+    for _, error in skipped:
+        logger.warning('skipped: %s', error)
     if skipped:
         logger.warning('%s: %d of %d files skipped (unreadable or not images)', source, len(skipped), len(paths))
     if not kept:
         raise ValueError('{}: no readable image'.format(source))
-    return kept, feats, None
+    return kept, feats, extractor.settings(local)
+
+
+def check_same_model(q, g, logger):
+    """q, g: (flag, source, settings, feats) of each side. Stops with one line naming both sides when their
+    features come from different models (other shapes, other weights or model settings)."""
+    described = []
+    for flag, source, settings, feats in (q, g):
+        dims = {k: tuple(v.shape[1:]) for k, v in feats.items()}
+        name = '{} {} ({})'.format(flag, source, inference.describe_model(settings, dims))
+        described.append((dims, settings, name))
+    (qd, qs, qn), (gd, gs, gn) = described
+    problem = inference.model_difference(qs, qd, gs, gd)
+    if problem:
+        raise ValueError('{} and {} hold features of different models ({}): their distances mean nothing; extract '
+                         'both with the same --model'.format(qn, gn, problem))
+    if qs.get('model') != gs.get('model') and not (qs.get('weights') and gs.get('weights')):
+        logger.warning('query and gallery features come from different checkpoint files (%s, %s) of the same '
+                       'settings: their distances mean nothing unless the files were only moved',
+                       qs.get('model'), gs.get('model'))
 
 
 def faiss_shortlist(q_global, g_global, index_string, shortlist, nprobe, normalize):
@@ -215,18 +250,16 @@ def main(args):
     try:
         t0 = time.time()
         q_paths, q_feats, q_set = load_side(args.query, extractor, local, args, logger, files)
-        q_feats = {k: np.asarray(v[:]) for k, v in q_feats.items()}
         g_paths, g_feats, g_set = load_side(args.gallery, extractor, local, args, logger, files)
-        cfg = extractor.cfg if extractor is not None else (q_set or g_set)['cfg']
-        sizes = [tuple((s['cfg'] if s else extractor.cfg)['resize_h_w']) for s in (q_set, g_set)]
+        sizes = [tuple(s['cfg']['resize_h_w']) for s in (q_set, g_set)]
         if sizes[0] != sizes[1] and not args.allow_other_settings:
             raise ValueError('query features are of {} x {} inputs, gallery features of {} x {}: their distances '
                              'mean little; extract both at one size (or pass --allow_other_settings true)'.format(
                                  *sizes[0], *sizes[1]))
-        models = {s['model'] for s in (q_set, g_set) if s} | ({os.path.abspath(extractor.path)} if extractor else set())
-        if len(models) > 1:
-            logger.warning('query and gallery features come from different checkpoints (%s): their distances '
-                           'mean nothing unless the files were only moved', ', '.join(sorted(models)))
+        check_same_model(('--query', args.query, q_set, q_feats), ('--gallery', args.gallery, g_set, g_feats),
+                         logger)
+        q_feats = {k: np.asarray(v[:]) for k, v in q_feats.items()}
+        cfg = q_set['cfg']
         normalize = cfg['normalize_feature'] if args.normalize_feature is None else args.normalize_feature
         logger.info('%d queries, %d gallery items: features in %.1f s', len(q_paths), len(g_paths), time.time() - t0)
         t0 = time.time()
@@ -240,11 +273,10 @@ def main(args):
     write_results(args.output, q_paths, g_paths, index, dist)
     logger.info('top-%d per query written to %s', index.shape[1], args.output)
     if args.num_vis_queries:
-        vis_dir = args.vis_dir or os.path.splitext(args.output)[0] + '_ranks'
         h, w = cfg['resize_h_w']
-        draw(q_paths, g_paths, index, dist, args.num_vis_queries, vis_dir, (max(h, 128), max(w, 64)),
+        draw(q_paths, g_paths, index, dist, args.num_vis_queries, vis_dir(args), (max(h, 128), max(w, 64)),
              distance=args.distance + (', re-ranked' if args.re_rank else ''))
-        logger.info('pictures written to %s', vis_dir)
+        logger.info('pictures written to %s', vis_dir(args))
     return q_paths, g_paths, index, dist
 
 

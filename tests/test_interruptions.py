@@ -10,7 +10,7 @@ import time
 import pytest
 import torch
 
-from aligned_reid import checkpoint, engine, synthetic
+from aligned_reid import engine, synthetic
 from aligned_reid import prepare as prepare_lib
 from aligned_reid.data import read_partitions
 from aligned_reid.prepare import prepare_market_layout
