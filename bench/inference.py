@@ -17,7 +17,7 @@ import time
 import numpy as np
 import torch
 
-from aligned_reid import cli, distance, inference
+from aligned_reid import cli, distance, features_file, inference
 from aligned_reid.model import Model
 from aligned_reid.synthetic import make_camera, make_identity, render_image
 
@@ -79,7 +79,7 @@ def bench_extract(args):
 
         def to_hdf5():
             out = os.path.join(tmp, 'f.h5')
-            with inference.FeaturesWriter(out, paths, ext.settings(True), ext.dims(True), overwrite=True) as w:
+            with features_file.FeaturesWriter(out, paths, ext.settings(True), ext.dims(True), overwrite=True) as w:
                 inference.extract_to_file(ext, paths, w, True, args.workers, 1024, progress=False)
 
         rates = {}

@@ -6,8 +6,9 @@ import time
 from aligned_reid import cli
 from aligned_reid.checkpoint import MODEL_FLAGS
 from aligned_reid.cli import boolean
-from aligned_reid.inference import (FeatureExtractor, FeaturesWriteError, FeaturesWriter, extract_to_file,
-                                    decode_text, list_images, open_features, unfinished_dir)
+from aligned_reid.features_file import (FeaturesWriteError, FeaturesWriter, decode_text, open_features,
+                                        unfinished_dir)
+from aligned_reid.inference import FeatureExtractor, extract_to_file, list_images
 
 SPLITS = ('trainval', 'train', 'val', 'test')
 

@@ -9,7 +9,7 @@ import time
 import numpy as np
 
 from aligned_reid import distance as dist_lib
-from aligned_reid import cli, inference
+from aligned_reid import cli, features_file, inference
 from aligned_reid.cli import boolean
 
 MAX_RERANK_GALLERY = 30000    # re-ranking holds dense gallery x gallery matrices (3.6 GB at this size)
@@ -119,7 +119,7 @@ def load_side(source, extractor, local, args, logger, files):
     """Features of one side -> (paths, dict of arrays or h5py datasets, settings of the model that made them).
     A features file stays on disk (kept open in `files`) and is read in blocks."""
     if _is_features(source):
-        f = inference.open_features(source)
+        f = features_file.open_features(source)
         files.append(f)
         if local and 'local' not in f:
             raise ValueError('{}: has no local features, needed by a local distance (extract with --local)'
@@ -127,7 +127,7 @@ def load_side(source, extractor, local, args, logger, files):
         feats = {'global': f['global']}
         if local:
             feats['local'] = f['local']
-        return inference.decode_text(f['paths'][:]), feats, json.loads(f.attrs['settings'])
+        return features_file.decode_text(f['paths'][:]), feats, json.loads(f.attrs['settings'])
     paths = inference.list_images(source)
     kept, feats, skipped = extractor.extract_files(paths, local=local, workers=args.workers)
     for _, error in skipped:
@@ -145,10 +145,10 @@ def check_same_model(q, g, logger):
     described = []
     for flag, source, settings, feats in (q, g):
         dims = {k: tuple(v.shape[1:]) for k, v in feats.items()}
-        name = '{} {} ({})'.format(flag, source, inference.describe_model(settings, dims))
+        name = '{} {} ({})'.format(flag, source, features_file.describe_model(settings, dims))
         described.append((dims, settings, name))
     (qd, qs, qn), (gd, gs, gn) = described
-    problem = inference.model_difference(qs, qd, gs, gd)
+    problem = features_file.model_difference(qs, qd, gs, gd)
     if problem:
         raise ValueError('{} and {} hold features of different models ({}): their distances mean nothing; extract '
                          'both with the same --model'.format(qn, gn, problem))

@@ -16,7 +16,7 @@ import pytest
 import torch
 from PIL import Image
 
-from aligned_reid import data, inference
+from aligned_reid import data, features_file, inference
 from aligned_reid.model import Model
 from aligned_reid.synthetic import make_camera, make_identity, render_image
 from conftest import REPO, load_script
@@ -44,7 +44,7 @@ def _reference(model, paths):
 def _read(path):
     with h5py.File(str(path), 'r') as f:
         out = {k: f[k][:] for k in ('global', 'local')}
-        out.update({k: inference.decode_text(f[k][:]) for k in ('paths', 'skipped', 'skipped_errors')})
+        out.update({k: features_file.decode_text(f[k][:]) for k in ('paths', 'skipped', 'skipped_errors')})
         out['attrs'] = dict(f.attrs)
     return out
 
@@ -110,50 +110,50 @@ def test_writer_and_reader_agree_on_hand_made_chunks(tmp_path):
     settings = {'model': 'm.pth', 'flip': False, 'cfg': {'base_model': 'resnet18'}}
     path = tmp_path / 'f.h5'
     # inputs 0-2 kept, 3-4 not decodable, 5-6 kept
-    with inference.FeaturesWriter(path, inputs, settings, dims) as w:
+    with features_file.FeaturesWriter(path, inputs, settings, dims) as w:
         w.commit(3, inputs[:3], {k: v[:3] for k, v in feats.items()}, [], [])
         w.commit(5, [], {k: v[:0] for k, v in feats.items()}, inputs[3:5], ['bad 3', 'bad 4'])
     with pytest.raises(ValueError, match='unfinished'):
-        inference.read_features(path)
-    unfinished = inference.unfinished_dir(path)
+        features_file.read_features(path)
+    unfinished = features_file.unfinished_dir(path)
     (tmp_path / 'f.h5.unfinished' / '000000000005-000000000006.npz.tmp').write_bytes(b'half')   # a killed write
     (tmp_path / 'f.h5.unfinished' / '000000000006-000000000007.npz').write_bytes(b'past a gap')
-    with inference.FeaturesWriter(path, inputs, settings, dims) as w:
+    with features_file.FeaturesWriter(path, inputs, settings, dims) as w:
         assert w.position == 5 and not w.complete
         assert sorted(os.listdir(unfinished)) == ['000000000000-000000000003.npz', '000000000003-000000000005.npz',
                                                   'header.json', 'lock']
         w.commit(7, inputs[5:], {k: v[3:5] for k, v in feats.items()}, [], [])
         w.finish()
     assert not os.path.exists(unfinished)
-    got = inference.read_features(path, local=True)
+    got = features_file.read_features(path, local=True)
     assert got['paths'] == inputs[:3] + inputs[5:] and got['skipped'] == inputs[3:5]
     np.testing.assert_array_equal(got['global'], feats['global'][:5])
     np.testing.assert_array_equal(got['local'], feats['local'][:5])
     assert got['settings'] == settings
     with h5py.File(str(path), 'r') as f:
-        assert f.attrs['format'] == inference.FEATURES_FORMAT and f.attrs['num_inputs'] == 7
+        assert f.attrs['format'] == features_file.FEATURES_FORMAT and f.attrs['num_inputs'] == 7
         assert (f.attrs['rows'], f.attrs['num_skipped']) == (5, 2)
-        assert inference.decode_text(f['skipped_errors'][:]) == ['bad 3', 'bad 4']
+        assert features_file.decode_text(f['skipped_errors'][:]) == ['bad 3', 'bad 4']
     # The same inputs and settings again: complete. Others: refused, naming what differs.
-    with inference.FeaturesWriter(path, inputs, settings, dims) as w:
+    with features_file.FeaturesWriter(path, inputs, settings, dims) as w:
         assert w.complete
     with pytest.raises(ValueError, match=r'other settings \(flip\).*--overwrite'):
-        inference.FeaturesWriter(path, inputs, dict(settings, flip=True), dims)
+        features_file.FeaturesWriter(path, inputs, dict(settings, flip=True), dims)
     with pytest.raises(ValueError, match=r'other images.*--overwrite'):
-        inference.FeaturesWriter(path, inputs[::-1], settings, dims)
+        features_file.FeaturesWriter(path, inputs[::-1], settings, dims)
 
 
 def test_a_damaged_chunk_is_redone_not_read(tmp_path):
     inputs, dims, settings = ['a.jpg', 'b.jpg', 'c.jpg'], {'global': (4,)}, {'model': 'm.pth'}
     path = tmp_path / 'f.h5'
-    with inference.FeaturesWriter(path, inputs, settings, dims) as w:
+    with features_file.FeaturesWriter(path, inputs, settings, dims) as w:
         w.commit(2, inputs[:2], {'global': np.ones((2, 4))}, [], [])
         w.commit(3, inputs[2:], {'global': np.ones((1, 4))}, [], [])
         (tmp_path / 'f.h5.unfinished' / '000000000000-000000000002.npz').write_bytes(b'damaged from outside')
         with pytest.raises(ValueError, match=r'chunk 000000000000-000000000002\.npz is damaged .* rerun'):
             w.finish()
     assert not path.exists()
-    with inference.FeaturesWriter(path, inputs, settings, dims) as w:
+    with features_file.FeaturesWriter(path, inputs, settings, dims) as w:
         assert w.position == 0 and w.chunks == []
 
 
@@ -162,7 +162,7 @@ def test_a_damaged_chunk_is_redone_not_read(tmp_path):
 DRIVER = r'''
 import os, runpy, signal, sys, time
 import h5py, numpy as np
-from aligned_reid import inference
+from aligned_reid import features_file, inference
 point, n, block_from, script = sys.argv[1], int(sys.argv[2]), int(sys.argv[3]), sys.argv[4]
 sys.argv = [script] + sys.argv[5:]
 main_pid, count = os.getpid(), [0]
@@ -187,7 +187,7 @@ elif point == 'after_rename':        # the n-th rename of the extraction just do
     replace = os.replace
     def replace_then_die(src, dst):
         replace(src, dst)
-        if inference.UNFINISHED in str(src) and hit():
+        if features_file.UNFINISHED in str(src) and hit():
             die()
     os.replace = replace_then_die
 elif point == 'inside_assembly':     # the features file half written, at its n-th dataset write
@@ -254,10 +254,10 @@ def test_killed_extraction_reruns_at_once_to_the_uninterrupted_file(world, tmp_p
         _assert_uninterrupted(out, world)
     else:
         with pytest.raises(ValueError, match='unfinished'):
-            inference.read_features(out)
+            features_file.read_features(out)
     _run(argv + ['--workers', 0])                # at once, in the same folder
     _assert_uninterrupted(out, world)
-    assert not os.path.exists(inference.unfinished_dir(out))
+    assert not os.path.exists(features_file.unfinished_dir(out))
 
 
 # ----------------------------------------------------------------------------- a full disk
@@ -293,7 +293,7 @@ def test_full_disk_stops_with_one_line_and_the_rerun_completes(world, small_fs, 
         _run(world['base'] + ['--workers', 0, '--output', out])
     assert not out.exists()
     with pytest.raises(ValueError, match='unfinished'):
-        inference.read_features(out)
+        features_file.read_features(out)
     filler.unlink()
     _run(world['base'] + ['--workers', 0, '--output', out])
     _assert_uninterrupted(out, world)
@@ -308,7 +308,7 @@ def test_full_disk_stops_with_one_line_and_the_rerun_completes(world, small_fs, 
         _run(world['base'] + ['--workers', 0, '--output', out])
     # Past that check (here: skipped) HDF5 meets the full disk itself. In a process of its own, which must end
     # with one line (no h5py traceback, no crash at exit) and leave the chunks for the rerun.
-    skip_check = ('import runpy, sys; from aligned_reid import inference; inference._free_bytes = lambda d: 1 << 50; '
+    skip_check = ('import runpy, sys; from aligned_reid import features_file; features_file._free_bytes = lambda d: 1 << 50; '
                   "sys.argv = sys.argv[1:]; runpy.run_path(sys.argv[0], run_name='__main__')")
     proc = subprocess.run([sys.executable, '-c', skip_check, str(REPO / 'script' / 'extract.py')]
                           + [str(a) for a in world['base']] + ['--workers', '0', '--output', str(out)],
@@ -317,9 +317,9 @@ def test_full_disk_stops_with_one_line_and_the_rerun_completes(world, small_fs, 
     lines = proc.stderr.strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith('extract.py: '), lines
     assert 'cannot write it (No space left on device)' in lines[0] and 'first 13 of 13 inputs are kept' in lines[0]
-    assert not out.exists() and not [n for n in os.listdir(inference.unfinished_dir(out)) if n.endswith('.tmp')]
+    assert not out.exists() and not [n for n in os.listdir(features_file.unfinished_dir(out)) if n.endswith('.tmp')]
     with pytest.raises(ValueError, match='unfinished'):
-        inference.read_features(out)
+        features_file.read_features(out)
     filler.unlink()
     _run(world['base'] + ['--workers', 0, '--output', out])
     _assert_uninterrupted(out, world)
@@ -339,7 +339,7 @@ def test_output_that_is_not_a_features_file_is_refused_in_one_line(world, tmp_pa
         _run(world['base'] + ['--workers', 0, '--output', damaged])
     for path, what in ((image, 'a JPEG image'), (damaged, 'a damaged HDF5 file')):
         with pytest.raises(ValueError, match=what):
-            inference.read_features(path)
+            features_file.read_features(path)
         assert path.read_bytes()[:4] in (blob[:4], b'\xff\xd8\xff\xe0')          # left as it was
     _run(world['base'] + ['--workers', 0, '--output', damaged, '--overwrite'])
     _assert_uninterrupted(damaged, world)

@@ -80,8 +80,6 @@ LOADERS = {'spec_from_file_location', 'SourceFileLoader', 'load_source', 'run_pa
            '__import__'}
 # Scripts that still load another one, each with what keeps it so.
 STILL_LOADING = {
-    'bench/inference.py': 'bench/inference.py loads scripts until the features writer moves into '
-                          'aligned_reid.inference',
     'bench/test_throughput.py': 'bench/test_throughput.py imports bench/evaluation.py (clustered_like, '
                                 'bench_re_ranking) through sys.path; not moved yet',
 }

@@ -10,7 +10,7 @@ import pytest
 import torch
 from PIL import Image
 
-from aligned_reid import data, evaluation, inference
+from aligned_reid import data, evaluation, features_file, inference
 from aligned_reid.model import Model
 from aligned_reid.synthetic import make_camera, make_identity, render_image
 from conftest import brute_dist, brute_global_dist, load_script
@@ -187,7 +187,7 @@ def test_interrupted_extraction_continues_to_the_same_file(world, tmp_path, caps
 
     part = tmp_path / 'part.h5'
     _run(base + ['--output', str(part), '--max_images', '5'])
-    unfinished = inference.unfinished_dir(part)
+    unfinished = features_file.unfinished_dir(part)
     assert not part.exists()
     assert sorted(os.listdir(unfinished)) == ['000000000000-000000000003.npz', '000000000003-000000000005.npz',
                                               'header.json', 'lock']
@@ -236,7 +236,7 @@ def test_extraction_killed_mid_run_resumes(world, tmp_path):
     proc = subprocess.Popen([sys.executable, extract_script.__file__] + argv + ['--output', str(out)], env=env,
                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     deadline = time.time() + 300
-    unfinished = inference.unfinished_dir(out)
+    unfinished = features_file.unfinished_dir(out)
     while time.time() < deadline and proc.poll() is None and not (
             os.path.isdir(unfinished) and len(os.listdir(unfinished)) > 4):
         time.sleep(0.05)                # a few chunks are written
@@ -246,7 +246,7 @@ def test_extraction_killed_mid_run_resumes(world, tmp_path):
     if killed:                          # (a very fast machine may finish first: then only the rerun is checked)
         assert not out.exists()
         with pytest.raises(ValueError, match='unfinished'):
-            inference.read_features(str(out))
+            features_file.read_features(str(out))
     _run(argv + ['--output', str(out)])
     got = _read(out)
     assert got['complete'] and got['paths'] == sorted(str(p) for p in folder.iterdir())
@@ -265,10 +265,10 @@ def test_extract_from_a_list_file_and_bad_flags(world, tmp_path, capsys):
     assert got['paths'] == world['good'][:3] and 'local' not in got
     assert got['skipped'] == [str(world['root'] / 'missing.jpg')]
     assert 'No such file' in got['skipped_errors'][0].decode()
-    feats = inference.read_features(str(out))
+    feats = features_file.read_features(str(out))
     np.testing.assert_array_equal(feats['global'], got['global'])
     with pytest.raises(ValueError, match='no local features'):
-        inference.read_features(str(out), local=True)
+        features_file.read_features(str(out), local=True)
     for argv, message in ((['--images', 'nope'], '--images: no such folder or file'),
                           (['--images', str(lst), '--batch_size', '0'], '--batch_size'),
                           (['--partitions', 'x.pkl'], '--partitions: file not found')):
@@ -369,7 +369,7 @@ def test_search_with_faiss_shortlist(world, tmp_path):
                              dtype=h5py.string_dtype('utf-8'))
             f['global'] = feats
             f.create_dataset('skipped', (0,), dtype=h5py.string_dtype('utf-8'))
-            f.attrs.update({'format': inference.FEATURES_FORMAT, 'complete': True,
+            f.attrs.update({'format': features_file.FEATURES_FORMAT, 'complete': True,
                             'settings': '{"model": "m", "cfg": {"normalize_feature": false, "resize_h_w": [64, 32]}}'})
     ref = brute_global_dist(q, g)
     want = np.argsort(ref, axis=1, kind='stable')[:, :5]

@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 import torch
 
-from aligned_reid import inference
+from aligned_reid import features_file, inference
 from aligned_reid.model import Model
 from aligned_reid.synthetic import make_camera, make_identity, render_image
 from conftest import load_script
@@ -64,7 +64,7 @@ def world(tmp_path_factory, one_torch_thread):
         f['global'], f['local'] = np.ones((6, 2048), np.float32), np.ones((6, 2, 8), np.float32)
         f.create_dataset('skipped', (0,), dtype=text)
         f.create_dataset('skipped_errors', (0,), dtype=text)
-        f.attrs.update({'format': inference.FEATURES_FORMAT, 'settings': json.dumps(settings), 'complete': True,
+        f.attrs.update({'format': features_file.FEATURES_FORMAT, 'settings': json.dumps(settings), 'complete': True,
                         'num_inputs': 6, 'rows': 6, 'num_skipped': 0})
     return {'root': root, 'a': a, 'b': b, 'images': images, **files}
 
