@@ -267,3 +267,22 @@ def test_topk_search_ties_across_block_cuts_go_to_the_lower_index():
         index, dist = topk_search({'global': q}, {'global': g}, k=k, gallery_block=gb)
         np.testing.assert_array_equal(index, want[:, :k])
         np.testing.assert_allclose(dist, np.take_along_axis(ref, want[:, :k], 1), atol=1e-3)
+
+
+@pytest.mark.parametrize('scale', [1., 34.])
+def test_identical_and_near_duplicate_features_get_their_exact_distance(scale):
+    # The expanded form |x|^2 + |y|^2 - 2 x.y in float32 gave identical features of norm 34 a distance of
+    # 0.0135; near-duplicates are now computed as |x - y|^2, identical ones get exactly 0.
+    from aligned_reid.distance import compute_dist, pair_dist
+    g = torch.Generator().manual_seed(0)
+    x = torch.rand(40, 512, generator=g) * scale / 13.   # post-ReLU-like features, norms ~ scale
+    y = torch.cat([x[:10], x[10:20] + 1e-4 * torch.randn(10, 512, generator=g), torch.rand(30, 512, generator=g)])
+    d = compute_dist(x.numpy(), y.numpy(), block_size=7)
+    ref = torch.cdist(x.double(), y.double()).numpy()
+    assert (np.diag(d[:10, :10]) == 0).all()
+    near = np.arange(10, 20)
+    np.testing.assert_allclose(d[near, near], ref[near, near], rtol=1e-3)
+    np.testing.assert_allclose(d, ref, rtol=1e-5, atol=2e-6 * scale ** 2)
+    p = pair_dist(x[:20].numpy(), y[:20].numpy()).numpy()
+    assert (p[:10] == 0).all()
+    np.testing.assert_allclose(p, d[np.arange(20), np.arange(20)], rtol=1e-6, atol=0)
