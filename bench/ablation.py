@@ -1,6 +1,8 @@
 """Ablation of AlignedReID's loss terms on the synthetic set: trains and tests global triplet only,
-+ local loss, + ID loss and mutual learning, several seeds each, and reports mean and spread of
-Rank-1 / mAP (with and without re-ranking) as a markdown table and a JSON file.
++ local loss (mined on the global or the local distance), mutual learning as the older reproduction ran
+it (from one shared start) with its controls (two different starts, weight 0.1, normalised features),
+on request the ID-loss rows, several seeds each, and reports mean and spread of Rank-1 / mAP (with and
+without re-ranking) as a markdown table and a JSON file (with the commands, commit and machine).
 
 Each run is `script/train.py` / `script/train_ml.py` in a subprocess, so what is measured is exactly
 what a user runs. Run: python bench/ablation.py [--preset cpu|gpu]
@@ -57,10 +59,10 @@ PRESETS = {
         'train': ['--base_model', 'resnet18', '--resize_h_w', '64', '32', '--last_stride', '1',
                   '--pretrained', 'false', '--ids_per_batch', '16', '--ims_per_id', '4',
                   '--base_lr', '1e-3', '--lr_decay_type', 'exp', '--workers', '2', '--device', 'cpu'],
-        # 30 epochs: the ID loss needs them (in make demo's log, with this P x K and lr, its training
-        # precision is 4% after 10 epochs, 40% after 20 and 90% after 30); two seeds keep it near
-        # an hour on a quiet 2-core CPU (--seeds 1 2 3 for a better spread).
-        'epochs': 30, 'decay_at': 25, 'seeds': (1, 2),
+        # The ID-loss rows (not default) need --epochs 30 (in make demo's log, with this P x K and lr,
+        # the ID training precision is 4% after 10 epochs, 40% after 20 and 90% after 30); the default
+        # rows train no classifier and are compared at 12 epochs.
+        'epochs': 12, 'decay_at': 9, 'seeds': (1, 2, 3),
     },
     'gpu': {
         'render': ['--im_size', '256', '128', '--workers', '8'],
@@ -79,18 +81,18 @@ DISTANCES = (('global', 'global'), ('local', 'local'), ('global_local', 'global 
 def build_parser():
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument('--preset', choices=sorted(PRESETS), default='cpu',
-                   help='cpu: ResNet-18, 64 x 32, last stride 1 (4 stripes), about an hour on 2 quiet cores; '
+                   help='cpu: ResNet-18, 64 x 32, last stride 1 (4 stripes), about two hours on 2 quiet cores; '
                         'gpu: ResNet-50, 256 x 128 (8 stripes), ImageNet weights, amp. Default: cpu')
     p.add_argument('--settings', nargs='+', choices=sorted(SETTINGS), default=list(DEFAULT_SETTINGS),
                    help='settings to run, in this order. Default: {}'.format(' '.join(DEFAULT_SETTINGS)))
     p.add_argument('--seeds', type=int, nargs='+', default=None,
                    help='training seeds; all settings run for a seed before the next seed starts. '
-                        'Default: the preset\'s (cpu 1 2, gpu 1 2 3)')
+                        'Default: the preset\'s (1 2 3)')
     p.add_argument('--epochs', type=int, default=None,
                    help='training epochs (P x K sampler: one epoch = num ids / P steps). '
-                        'Default: the preset\'s (cpu 30, gpu 60)')
+                        'Default: the preset\'s (cpu 12, gpu 60)')
     p.add_argument('--exp_decay_at_epoch', type=int, default=None,
-                   help='epoch at which the exponential lr decay starts. Default: the preset\'s (cpu 25, gpu 40)')
+                   help='epoch at which the exponential lr decay starts. Default: the preset\'s (cpu 9, gpu 40)')
     p.add_argument('--data_dir', default=None,
                    help='prepared synthetic set; rendered and prepared there when its partitions.pkl '
                         'is missing, reused otherwise. Default: ~/Dataset/synthetic_ablation_<preset>')
