@@ -163,16 +163,28 @@ def build_train_data(args, run):
     return partitions, im_dir, loader, num_classes
 
 
-def build_model(args, num_classes, run):
-    """The Model the flags describe, on the run's device. A model that gets every weight from a file
-    (resumed, tested, or started from --model_weight_file) skips the ImageNet weights (and works offline);
-    --pretrained_path loads the backbone from a file instead."""
+def init_seed(seed, index):
+    """The seed model `index` (0-based) of a run seeded with `seed` is initialised from: a function of the two
+    alone (numpy's SeedSequence, so neighbouring seeds and indices give unrelated streams)."""
+    words = np.random.SeedSequence((seed % 2 ** 64, index)).generate_state(2, np.uint32)
+    return int(words[0]) << 32 | int(words[1])
+
+
+def build_model(args, num_classes, run, index=0):
+    """The Model the flags describe, on the run's device. Its random initialisation comes from a generator
+    seeded with init_seed(args.seed, index) alone (the global RNG state is left as it was), so it does not
+    depend on what the data pipeline drew before, the device, the rank, or the script: model 1 of
+    train_ml.py (index 0) starts where train.py's model does with the same seed. A model that gets every
+    weight from a file (resumed, tested, or started from --model_weight_file) skips the ImageNet weights (and
+    works offline); --pretrained_path loads the backbone from a file instead."""
     from_file = bool(args.model_file)
     try:
-        model = Model(base=args.base_model, last_stride=args.last_stride,
-                      local_conv_out_channels=args.local_conv_out_channels,
-                      num_classes=num_classes if args.id_loss_weight > 0 else None,
-                      pretrained=args.pretrained and not from_file and not args.pretrained_path)
+        with torch.random.fork_rng(devices=[]):  # built on the CPU, then moved
+            torch.manual_seed(init_seed(args.seed, index))
+            model = Model(base=args.base_model, last_stride=args.last_stride,
+                          local_conv_out_channels=args.local_conv_out_channels,
+                          num_classes=num_classes if args.id_loss_weight > 0 else None,
+                          pretrained=args.pretrained and not from_file and not args.pretrained_path)
         if args.pretrained_path and not from_file:
             checkpoint.load_backbone(model, args.pretrained_path)
     except RuntimeError as e:  # ImageNet weights unreachable: say which flags help, no traceback

@@ -169,13 +169,31 @@ def mutual_losses(outputs, partner_outputs, labels, prob_weight=0., global_dist_
     return terms
 
 
+def local_mutual_problem(local_dist_weight, local_dist_own_hard_sample):
+    """The rule of the local-distance mutual loss: it needs local_dist_own_hard_sample, as in the older
+    reproduction, whose code computes the term only then (its full local distance matrix exists only when
+    the local triplets are mined on it) and otherwise leaves it at 0 whatever its weight. Rather than apply
+    or drop a weight silently where the two codes differ, the combination is refused. Returns the one-line
+    reason, or None when the combination is fine."""
+    if local_dist_weight > 0 and not local_dist_own_hard_sample:
+        return ("-ldmlw {:g} needs --local_dist_own_hard_sample true, as in the older reproduction, which "
+                "computes the local-distance mutual loss only then (0 otherwise); give "
+                "--local_dist_own_hard_sample true, or -ldmlw 0".format(local_dist_weight))
+    return None
+
+
 def mutual_learning_losses(outputs, labels, losses, mutual, compute=compute_losses):
     """The losses of two models trained together (AlignedReID section 3.3) on one batch. Model i minimises
     its own AlignedReID terms, compute(outputs[i], labels, **losses), plus its mutual losses against the
     other model (mutual_losses(outputs[i], outputs[1 - i], labels, **mutual), the partner detached).
-    Returns one dict per model: the own and mutual terms, 'own_loss', 'mutual_loss' and 'loss' (their sum)."""
+    A local-distance mutual weight without losses['local_dist_own_hard_sample'] is refused
+    (local_mutual_problem). Returns one dict per model: the own and mutual terms, 'own_loss', 'mutual_loss'
+    and 'loss' (their sum)."""
     if len(outputs) != 2:
         raise ValueError("mutual_learning_losses: two models' outputs expected, got {}".format(len(outputs)))
+    problem = local_mutual_problem(mutual.get("local_dist_weight", 0.), losses.get("local_dist_own_hard_sample", False))
+    if problem:
+        raise ValueError("mutual_learning_losses: " + problem)
     results = []
     for i, out in enumerate(outputs):
         own = compute(out, labels, **losses)

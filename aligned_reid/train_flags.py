@@ -7,6 +7,7 @@ import torch
 
 from aligned_reid import checkpoint, cli, data
 from aligned_reid.cli import OldFlag, boolean, ints
+from aligned_reid.loss import local_mutual_problem
 from aligned_reid.model import BACKBONES, Model
 
 NUM_MODELS = 2  # models of mutual learning (train_ml.py)
@@ -154,6 +155,13 @@ def build_parser(description, mutual=False):
         m.add_argument('-ldmlw', '--local_dist_mutual_loss_weight', '--ldm_loss_weight',
                        dest='local_dist_mutual_loss_weight', type=float, default=0.,
                        help='weight of the squared difference to the partner\'s local distance matrix. Default: 0')
+        m.add_argument('--same_init', type=boolean, default=False,
+                       help='start both models from the same weights (true/false) when they are not loaded from a '
+                            'file: model 2 is initialised as model 1, local branch and classifier included, so that '
+                            'at step 0 their distance matrices are equal and the distance mutual losses are 0 (as '
+                            "in the older reproduction's mutual learning, both from the same ImageNet weights, with "
+                            '-llw 0). false: model 2 from its own generator (with --pretrained true the backbones '
+                            'still start from the same ImageNet weights). Default: false')
         m.add_argument('--num_models', type=int, default=NUM_MODELS,
                        help="the older reproduction's flag, accepted with its one value here: this script trains {} "
                             'models. Default: {}'.format(NUM_MODELS, NUM_MODELS))
@@ -426,3 +434,6 @@ def check_mutual_args(parser, args):
             parser.error('--{} must not be negative, got {}'.format(flag, getattr(args, flag)))
     if args.prob_mutual_loss_weight > 0 and args.id_loss_weight == 0:
         parser.error('-pmlw {} needs the classifier: give -idlw > 0'.format(args.prob_mutual_loss_weight))
+    problem = local_mutual_problem(args.local_dist_mutual_loss_weight, args.local_dist_own_hard_sample)
+    if problem:
+        parser.error(problem)

@@ -1,6 +1,7 @@
 """Mutual learning (AlignedReID section 3.3, Zhang et al. "Deep Mutual Learning"): two models trained
 together on the same P x K batches, each pulled towards the other's class probabilities and distances.
-Flags as script/train.py, plus the mutual-loss weights -pmlw, -gdmlw, -ldmlw."""
+Flags as script/train.py, plus the mutual-loss weights -pmlw, -gdmlw, -ldmlw (-ldmlw needs
+--local_dist_own_hard_sample true) and --same_init (both models from the same weights)."""
 import functools
 import sys
 
@@ -30,7 +31,9 @@ def main(args):
     partitions, im_dir, loader, num_classes = engine.build_train_data(args, run)
 
     # models, losses, optimizers
-    models = [engine.build_model(args, num_classes, run) for _ in range(train_flags.NUM_MODELS)]
+    # (model i from the generator of (seed, i); --same_init: both from model 1's, so they start equal)
+    models = [engine.build_model(args, num_classes, run, index=0 if args.same_init else i)
+              for i in range(train_flags.NUM_MODELS)]
     amp_dtype, scalers = engine.amp_settings(args.amp, run.device, run.logger, num_models=len(models))
     if amp_dtype is not None:
         models = [m.to(memory_format=torch.channels_last) for m in models]

@@ -22,10 +22,11 @@ def test_commands_parse_with_the_scripts_parsers(tmp_path, monkeypatch):
             assert argv[1].endswith(script)
             a = parsers[script].parse_args(argv[2:])
             assert (a.seed, a.total_epochs, a.exp_decay_at_epoch, a.device, a.workers) == (7, 5, 4, 'cpu', 0)
-            assert a.local_loss_weight == (0. if setting in ('global', 'global+id') else 1.)
-            assert a.id_loss_weight == (0. if setting in ('global', 'global+local') else 1.)
+            assert a.local_loss_weight == (1. if 'local' in setting or setting == 'mutual-all' else 0.)
+            assert a.id_loss_weight == (1. if 'id' in setting.split('+') or setting == 'mutual-all' else 0.)
             if script == 'train_ml.py':
-                assert a.prob_mutual_loss_weight == a.global_dist_mutual_loss_weight == 1.
+                assert a.global_dist_mutual_loss_weight == (0.1 if 'w0.1' in setting else 1.)
+                assert a.same_init == ('shared' in setting) or setting == 'mutual-all'
     cpu = parsers['train.py'].parse_args(ablation.run_command('cpu', 'global', 1, 'd', 'e', 1, 1, None, '')[2:])
     gpu = parsers['train.py'].parse_args(ablation.run_command('gpu', 'global', 1, 'd', 'e', 1, 1, None, '')[2:])
     # The local branch gets at least 4 stripes: 64 / 16 with last stride 1, 256 / 32 with stride 2.
