@@ -127,33 +127,46 @@ def re_ranking_features(q_feats, g_feats, distance='global', k1=20, k2=6, lambda
     if once:
         allf = {k: normalize_rows(v) for k, v in allf.items()}
     kw = dict(distance=distance, normalize=normalize and not once, metric=metric)
+    # What rows and pairs read; pairs, the core's last use of it, empties it.
+    held = {'feats': allf}
     if distance == 'global' and metric == 'euclidean':
-        left, right = sq_euclidean_factors(allf['global'], allf['global'])   # [N, C + 2] each
+        held = {'factors': sq_euclidean_factors(allf['global'], allf['global'])}  # [N, C + 2] x 2
+    del allf
 
     def rows(s, e, out, tile):
-        x = {k: v[s:e] for k, v in allf.items()}
         for c0 in range(0, N, tile):
             c1 = min(N, c0 + tile)
             part = out[:, c0:c1]
-            if distance == 'global' and metric == 'euclidean':
+            if 'factors' in held:
+                left, right = held['factors']
                 torch.matmul(left[s:e], right[c0:c1].t(), out=part)   # d^2 before the clamp
             else:
-                d = dist_block(x, {k: v[c0:c1] for k, v in allf.items()}, out=part, **kw)
+                feats = held['feats']
+                d = dist_block({k: v[s:e] for k, v in feats.items()},
+                               {k: v[c0:c1] for k, v in feats.items()}, out=part, **kw)
                 if d.data_ptr() != part.data_ptr():   # the local distance has its own buffers
                     part.copy_(d)
                 part.mul_(part)
             yield c0, c1
 
-    per_pair = sum(v[0].numel() for v in allf.values())
-    step = max(1, _PAIR_BUDGET * 2 // max(1, per_pair))       # gathered features: 4 MB a side
-
     def pairs(i, j):
         out = torch.empty(len(i), dtype=torch.float32, device=dev)
-        for s in range(0, len(i), step):
-            ii, jj = i[s:s + step], j[s:s + step]
-            out[s:s + step] = pair_dist({k: v.index_select(0, jj) for k, v in allf.items()},
-                                        {k: v.index_select(0, ii) for k, v in allf.items()},
-                                        **kw).square()
+        if 'factors' in held:
+            left, right = held['factors']
+            step = max(1, _PAIR_BUDGET * 2 // left.shape[1])  # gathered rows: 4 MB a side
+            for s in range(0, len(i), step):
+                a = left.index_select(0, j[s:s + step])
+                out[s:s + step] = a.mul_(right.index_select(0, i[s:s + step])).sum(1)
+            out.clamp_min_(0.)
+        else:
+            feats = held['feats']
+            step = max(1, _PAIR_BUDGET * 2 // sum(v[0].numel() for v in feats.values()))
+            for s in range(0, len(i), step):
+                ii, jj = i[s:s + step], j[s:s + step]
+                out[s:s + step] = pair_dist({k: v.index_select(0, jj) for k, v in feats.items()},
+                                            {k: v.index_select(0, ii) for k, v in feats.items()},
+                                            **kw).square()
+        held.clear()
         return out
 
     return _re_rank_core(Q, N, rows, pairs, k1, k2, lambda_value, dev, block_rows)
@@ -281,21 +294,36 @@ def _expansion(R, H, block):
     """k-reciprocal expansion (Zhong et al., Sec. 4.1). R [N, k1+1] k1-reciprocal sets,
     H [N, kh+1] round(k1/2)-reciprocal sets (-1 = empty slot). A member c of R(i) adds H(c)
     when |H(c) & R(i)| > 2/3 |H(c)|. Returns (counts [N], columns) of the unique, sorted
-    expanded sets, row after row."""
+    expanded sets, row after row.
+
+    One stable sort per row of R(i) followed by the H(c) of its members gives both the
+    membership test (a value is in R(i) when its run of equal values starts with an entry of
+    R(i)) and the union (the first kept entry of each run)."""
+    k, kh = R.shape[1], H.shape[1]
+    empty = len(R)                                             # sorts after every index
     counts, cols = [], []
     for s in range(0, len(R), block):
         r = R[s:s + block]                                     # [B, k]
-        h = H.index_select(0, r.clamp(min=0).reshape(-1)).view(len(r), r.shape[1], -1)  # [B, k, kh]
-        hvalid = (h >= 0) & (r >= 0)[:, :, None]
-        member = (h[..., None] == r[:, None, None, :]).any(-1) & hvalid
-        size = hvalid.sum(-1)
-        accept = (member.sum(-1).double() > 2. / 3 * size.double()) & (r >= 0)  # as published
-        add = torch.where(accept[..., None] & hvalid, h, torch.full_like(h, -1))
-        allm = torch.cat([r, add.reshape(len(r), -1)], 1).sort(1)[0]  # [B, k + k * kh]
-        keep = allm >= 0
-        keep[:, 1:] &= allm[:, 1:] != allm[:, :-1]
-        counts.append(keep.sum(1))
-        cols.append(allm[keep])
+        B = len(r)
+        h = H.index_select(0, r.clamp(min=0).reshape(-1)).view(B, k, kh)
+        h = torch.where((r >= 0)[:, :, None], h, -1)           # [B, k, kh]
+        v = torch.cat([r, h.view(B, -1)], 1)
+        v, src = torch.where(v >= 0, v, empty).sort(dim=1, stable=True)   # [B, k + k * kh]
+        starts = torch.ones_like(v, dtype=torch.bool)
+        starts[:, 1:] = v[:, 1:] != v[:, :-1]
+        pos = torch.arange(v.shape[1], device=v.device).expand(B, -1)
+        run = torch.where(starts, pos, 0).cummax(1)[0]         # first position of each run
+        from_r = src < k
+        in_r = torch.empty_like(from_r).scatter_(1, src, from_r.gather(1, run))
+        hvalid = h >= 0
+        member = in_r[:, k:].view(B, k, kh) & hvalid
+        accept = (member.sum(-1).double() > 2. / 3 * hvalid.sum(-1).double()) & (r >= 0)
+        owner = torch.div(src - k, kh, rounding_mode='floor').clamp_(min=0)
+        keep = (v < empty) & (from_r | accept.gather(1, owner))
+        kept = keep.cumsum(1)                                  # first kept entry of each run:
+        first = keep & (kept - kept.gather(1, run) + keep.gather(1, run).long() == 1)
+        counts.append(first.sum(1))
+        cols.append(v[first])
     return torch.cat(counts), torch.cat(cols)
 
 
@@ -350,8 +378,8 @@ def _re_rank_core(Q, N, rows, pairs, k1, k2, lambda_value, device, block_rows=No
     negative values, the rounding of a distance 0, stand for 0), column tiles [c0, c1) of
     `tile` columns or the whole row at once, and yields (c0, c1) after each, so that the tile
     is reduced while it is in the cache. pairs(i, j) -> float32 [P]: the same values at
-    explicit (row, column) pairs (int64 tensors on `device`). Returns the final distance
-    np.float32 [Q, N - Q]."""
+    explicit (row, column) pairs (int64 tensors on `device`), called once, after the last
+    rows. Returns the final distance np.float32 [Q, N - Q]."""
     if k1 < 1 or k2 < 1:
         raise ValueError(f"re_ranking: k1 and k2 must be >= 1, got k1={k1}, k2={k2}")
     if not 0. <= lambda_value <= 1.:
@@ -444,7 +472,8 @@ def _re_rank_core(Q, N, rows, pairs, k1, k2, lambda_value, device, block_rows=No
         # wrote lambda * T + (1 - lambda), the final distance where t = 0; the cells with t > 0
         # lose (1 - lambda) * t / (2 - t) (the Jaccard distance is 1 - t / (2 - t)).
         with _stage('jaccard', device):
-            q_cols, q_vals = cols[:gstart], vals[:gstart]
+            q_cols, q_vals = cols[:gstart].clone(), vals[:gstart].clone()
+            del cols, vals                                  # the gallery part is in col_*
             q_rows = torch.repeat_interleave(torch.arange(Q, device=device),
                                              indptr[1:Q + 1] - indptr[:Q])
             per_query = torch.zeros(Q, dtype=torch.int64, device=device).index_add_(
