@@ -1,6 +1,7 @@
 """k-reciprocal re-ranking (Zhong et al., "Re-ranking Person Re-identification with k-reciprocal
-Encoding", CVPR 2017), exact and memory-bounded, in torch on the CPU or a GPU: top-k neighbours
-per row block, sparse V, Jaccard distance through an inverted index."""
+Encoding", CVPR 2017), exact and memory-bounded, in torch on the CPU or a GPU: distances in row
+blocks reduced tile by tile to row maxima and top-k neighbours, sparse V, Jaccard sums through an
+inverted index over the (query, gallery) pairs that share a column."""
 
 import contextlib
 import resource
@@ -400,6 +401,7 @@ def _re_rank_core(Q, N, rows, pairs, k1, k2, lambda_value, device, block_rows=No
         # columns).
         buf = torch.empty((min(block, N), N), dtype=torch.float32, device=device)
         mins = torch.empty((min(block, N), C), dtype=torch.float32, device=device)
+        rest = torch.full((), 1. - lambda_value, dtype=torch.float32, device=device)
         for s in range(0, N, block):
             e = min(N, s + block)
             d2, bq = buf[:e - s], max(0, min(e, Q) - s)        # bq: query rows in the block
@@ -430,7 +432,8 @@ def _re_rank_core(Q, N, rows, pairs, k1, k2, lambda_value, device, block_rows=No
                 rowmax[s:e] = m
                 nearest[s:e] = _nearest(d2, mins[:e - s] if C else None, m, K)
                 if bq:                                         # lambda * T + (1 - lambda)
-                    final[s:s + bq].mul_((lambda_value / m[:bq])[:, None]).add_(1. - lambda_value)
+                    torch.addcmul(rest, final[s:s + bq], (lambda_value / m[:bq])[:, None],
+                                  out=final[s:s + bq])
         del buf, mins
         # k-reciprocal sets, their expansion, and V (CSR: indptr, cols, vals).
         sblock = max(1, _pair_budget(device) // (K * K))

@@ -91,6 +91,23 @@ def test_features_entry_equals_matrix_entry(distance):
     np.testing.assert_allclose(got, want, rtol=0, atol=1e-5)
 
 
+@pytest.mark.parametrize("distance,normalize,metric", [
+    ('global', True, 'euclidean'), ('global', False, 'cosine'), ('global', True, 'cosine'),
+    ('local', True, 'euclidean'), ('global_local', True, 'euclidean')])
+def test_features_entry_options(distance, normalize, metric):
+    # features normalised once for every block, the cosine distance through dist_block
+    rng = np.random.default_rng(6)
+    qf, _ = clustered(rng, 30, 24, 10)
+    gf, _ = clustered(rng, 110, 24, 10)
+    q = {'global': qf, 'local': qf.reshape(30, 4, 6)}
+    g = {'global': gf, 'local': gf.reshape(110, 4, 6)}
+    kw = dict(distance=distance, normalize=normalize, metric=metric)
+    mats = [compute_dist(a, b, **kw) for a, b in ((q, g), (q, q), (g, g))]
+    want = dense_reference(*mats, 8, 3, 0.3)
+    np.testing.assert_allclose(re_ranking_features(q, g, k1=8, k2=3, block_rows=11, **kw), want,
+                               rtol=0, atol=1e-5)
+
+
 def test_features_entry_normalized_and_bad_name():
     rng = np.random.default_rng(4)
     q, _ = clustered(rng, 25, 12, 8)
