@@ -259,6 +259,16 @@ def _exact_near(d2, x, y, xx, yy):
     return d2
 
 
+def sq_euclidean_factors(x, y):
+    """x [M, C], y [N, C] -> a [M, C + 2], b [N, C + 2] with a @ b.T = |x|^2 + |y|^2 - 2 x.y, the
+    squared Euclidean distances before their clamp at 0 ([x, |x|^2, 1] . [-2 y, 1, |y|^2]): a
+    caller sweeping row blocks does one matmul per block into a reused buffer and nothing
+    else, no pass over the block to add the norms and no norms recomputed per block."""
+    a = torch.cat([x, (x * x).sum(1, keepdim=True), x.new_ones(len(x), 1)], 1)
+    b = torch.cat([-2. * y, y.new_ones(len(y), 1), (y * y).sum(1, keepdim=True)], 1)
+    return a, b
+
+
 def _global_block(x, y, normalize, metric, out=None):
     """x [B, C], y [N, C] (tensors) -> [B, N], written into `out` [B, N] when given (float32, on x's
     device): a caller that reuses one buffer for every block allocates nothing of that size."""

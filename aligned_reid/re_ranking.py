@@ -1,17 +1,28 @@
 """k-reciprocal re-ranking (Zhong et al., "Re-ranking Person Re-identification with k-reciprocal
-Encoding", CVPR 2017), exact and memory-bounded, in torch on the CPU or a GPU: top-k neighbours
-per row block, sparse V, Jaccard distance through an inverted index."""
+Encoding", CVPR 2017), exact and memory-bounded, in torch on the CPU or a GPU: distances in row
+blocks reduced tile by tile to row maxima and top-k neighbours, sparse V, Jaccard sums through an
+inverted index over the (query, gallery) pairs that share a column."""
+
+import contextlib
+import resource
+import time
 
 import numpy as np
 import torch
 
-from .distance import dist_block, pair_dist
+from .distance import dist_block, pair_dist, sq_euclidean_factors
+from .distance import normalize as normalize_rows
 
-# Sizes of the temporaries. Kept under glibc's largest mmap threshold (32 MB), so that freed
-# blocks are reused from the heap instead of being unmapped and faulted in again on the next
-# block: the page faults of larger temporaries were most of the old code's system time.
-_BLOCK_ELEMENTS = 1 << 22     # cells of a dense [B, Q + G] row block (16 MB of float32)
-_PAIR_BUDGET = 1 << 21        # (entry, row) pairs expanded at once in the sparse steps
+# Sizes of the temporaries on the CPU. Those made again for every block are kept under glibc's
+# largest mmap threshold (32 MB), so that freed blocks are reused from the heap instead of
+# being unmapped and faulted in again: such page faults were most of the old code's system
+# time. The distance row block is one buffer for the whole pass, as large as the matmul needs
+# to run near its full rate (it packs the [N, C] operand once per block).
+_ROW_BLOCK_ELEMENTS = 1 << 24  # cells of the [B, Q + G] distance row block (64 MB of float32)
+_BLOCK_ELEMENTS = 1 << 22     # cells of a [B, G] block of the Jaccard sums (16 MB)
+_PAIR_BUDGET = 1 << 19        # (entry, row) pairs expanded at once in the sparse steps
+_CHUNK_COLUMNS = 64           # columns per chunk of the top-k search (see _nearest)
+_TILE_ELEMENTS = 1 << 20      # cells of a distance tile reduced while in the cache (4 MB)
 
 
 def re_ranking(q_g_dist, q_q_dist, g_g_dist, k1=20, k2=6, lambda_value=0.3, device=None):
@@ -49,8 +60,9 @@ def re_ranking(q_g_dist, q_q_dist, g_g_dist, k1=20, k2=6, lambda_value=0.3, devi
         else:
             out.copy_(src * src)
 
-    def rows(s, e, out):
-        """Rows s:e of T's numerator, i.e. columns s:e of D squared, into out [B, N]."""
+    def rows(s, e, out, tile):
+        """Rows s:e of T's numerator, i.e. columns s:e of D squared, into out [B, N], in one
+        piece: the transposes want whole blocks."""
         if s < Q:                                              # query columns of D
             a, b = s, min(e, Q)
             sq_into(q_g[a:b], out[:b - a, Q:])                 # D[Q:, j] = q_g[j, :]
@@ -63,7 +75,7 @@ def re_ranking(q_g_dist, q_q_dist, g_g_dist, k1=20, k2=6, lambda_value=0.3, devi
             sq_into(q_g[:, a:b], cols[:Q])
             sq_into(g_g[:, a:b], cols[Q:])
             out[e - s - (b - a):e - s].copy_(cols.t())        # a cache-blocked transpose
-        return out[:e - s]
+        yield 0, N
 
     def pairs(i, j):
         """T numerators at (i, j): D[j, i] squared -> float32 [P]."""
@@ -112,30 +124,80 @@ def re_ranking_features(q_feats, g_feats, distance='global', k1=20, k2=6, lambda
     allf = {k: cat(k) for k in keys[distance]}
     Q = len(first)
     N = len(allf[keys[distance][0]])
-    kw = dict(distance=distance, normalize=normalize, metric=metric)
+    once = normalize and metric == 'euclidean'       # normalised here, not again in every block
+    if once:
+        allf = {k: normalize_rows(v) for k, v in allf.items()}
+    kw = dict(distance=distance, normalize=normalize and not once, metric=metric)
+    # What rows and pairs read; pairs, the core's last use of it, empties it.
+    held = {'feats': allf}
+    if distance == 'global' and metric == 'euclidean':
+        held = {'factors': sq_euclidean_factors(allf['global'], allf['global'])}  # [N, C + 2] x 2
+    del allf
 
-    def rows(s, e, out):
-        out = out[:e - s]
-        d = dist_block({k: v[s:e] for k, v in allf.items()}, allf, out=out, **kw)   # [e - s, N] on dev
-        if d.data_ptr() != out.data_ptr():   # the local distance has its own buffers
-            out.copy_(d)
-        return out.mul_(out)
-
-    per_pair = sum(v[0].numel() for v in allf.values())
-    step = max(1, _PAIR_BUDGET * 4 // max(1, per_pair))       # bounds the gathered features
+    def rows(s, e, out, tile):
+        for c0 in range(0, N, tile):
+            c1 = min(N, c0 + tile)
+            part = out[:, c0:c1]
+            if 'factors' in held:
+                left, right = held['factors']
+                torch.matmul(left[s:e], right[c0:c1].t(), out=part)   # d^2 before the clamp
+            else:
+                feats = held['feats']
+                d = dist_block({k: v[s:e] for k, v in feats.items()},
+                               {k: v[c0:c1] for k, v in feats.items()}, out=part, **kw)
+                if d.data_ptr() != part.data_ptr():   # the local distance has its own buffers
+                    part.copy_(d)
+                part.mul_(part)
+            yield c0, c1
 
     def pairs(i, j):
         out = torch.empty(len(i), dtype=torch.float32, device=dev)
-        for s in range(0, len(i), step):
-            ii, jj = i[s:s + step], j[s:s + step]
-            out[s:s + step] = pair_dist({k: v[jj] for k, v in allf.items()},
-                                        {k: v[ii] for k, v in allf.items()}, **kw).square()
+        if 'factors' in held:
+            left, right = held['factors']
+            step = max(1, _PAIR_BUDGET * 2 // left.shape[1])  # gathered rows: 4 MB a side
+            for s in range(0, len(i), step):
+                a = left.index_select(0, j[s:s + step])
+                out[s:s + step] = a.mul_(right.index_select(0, i[s:s + step])).sum(1)
+            out.clamp_min_(0.)
+        else:
+            feats = held['feats']
+            step = max(1, _PAIR_BUDGET * 2 // sum(v[0].numel() for v in feats.values()))
+            for s in range(0, len(i), step):
+                ii, jj = i[s:s + step], j[s:s + step]
+                out[s:s + step] = pair_dist({k: v.index_select(0, jj) for k, v in feats.items()},
+                                            {k: v.index_select(0, ii) for k, v in feats.items()},
+                                            **kw).square()
+        held.clear()
         return out
 
     return _re_rank_core(Q, N, rows, pairs, k1, k2, lambda_value, dev, block_rows)
 
 
 # ----------------------------------------------------------------------------- the core
+
+# Per-stage costs for bench/: a caller that sets STAGES to a dict gets, for each stage name,
+# [wall s, user s, system s, minor page faults] summed over the run. None: not measured.
+STAGES = None
+
+
+@contextlib.contextmanager
+def _stage(name, device):
+    if STAGES is None:
+        yield
+        return
+    if device.type == 'cuda':
+        torch.cuda.synchronize(device)
+    r0, t0 = resource.getrusage(resource.RUSAGE_SELF), time.perf_counter()
+    yield
+    if device.type == 'cuda':
+        torch.cuda.synchronize(device)
+    r1, t1 = resource.getrusage(resource.RUSAGE_SELF), time.perf_counter()
+    acc = STAGES.setdefault(name, [0., 0., 0., 0])
+    acc[0] += t1 - t0
+    acc[1] += r1.ru_utime - r0.ru_utime
+    acc[2] += r1.ru_stime - r0.ru_stime
+    acc[3] += r1.ru_minflt - r0.ru_minflt
+
 
 def _pick_device(device, x):
     if device is not None:
@@ -162,13 +224,13 @@ def _scratch(store, name, numel, device, dtype=torch.float32):
     return buf[:numel]
 
 
-def _block_elements(device):
-    """Cells of one dense row block: bounded on the CPU (cache, page faults); on a GPU a
-    share of the free memory, so that few large blocks keep it busy."""
+def _block_elements(device, cpu_elements):
+    """Cells of one dense block: cpu_elements on the CPU; on a GPU a share of the free memory,
+    so that few large blocks keep it busy."""
     if device.type == 'cuda':
         free, _ = torch.cuda.mem_get_info(device)
-        return int(min(1 << 28, max(_BLOCK_ELEMENTS, free // 64)))
-    return _BLOCK_ELEMENTS
+        return int(min(1 << 28, max(cpu_elements, free // 64)))
+    return cpu_elements
 
 
 def _pair_budget(device):
@@ -176,26 +238,42 @@ def _pair_budget(device):
     return _PAIR_BUDGET * 16 if device.type == 'cuda' else _PAIR_BUDGET
 
 
-def _nearest(d2, m, K):
-    """Indices of the K smallest entries of each row of T = d2 / m (d2 [B, N] float32,
+def _nearest(d2, mins, m, K):
+    """Indices of the K smallest entries of each row of T = max(d2, 0) / m (d2 [B, N] float32,
     m [B] > 0), ascending, ties in T by lower index (the order a stable argsort of T gives)
     -> int64 [B, K], on d2's device.
 
-    Dividing by m > 0 keeps the order of d2 but may merge neighbours into ties, so the K + 1
-    smallest d2 are taken (any order among equal d2), put in (T, index) order, and kept when
-    the K-th and (K+1)-th T differ: then nothing outside them can tie with the K-th. Rows with
-    a tie at that boundary are redone with a stable sort of T."""
+    The clamp and the division by m keep the order of d2 but may merge neighbours into ties,
+    so the K + 1 smallest d2 are taken (any order among equal d2), put in (T, index) order,
+    and kept when the K-th and (K+1)-th T differ: then nothing outside them can tie with the
+    K-th. Rows with a tie at that boundary are redone with a stable sort of T.
+    mins [B, C] (or None: search whole rows): the minima of the row chunks of _CHUNK_COLUMNS
+    columns, d2[:, :C * _CHUNK_COLUMNS].view(B, C, -1).amin(2). The K + 1 smallest d2 of a
+    row lie in its K + 1 chunks of smallest minima and the columns after the last chunk (a
+    chunk left out has a minimum no smaller than theirs), so only those are searched."""
     B, n = d2.shape
     kc = min(n, K + 1)
-    v, idx = torch.topk(d2, kc, dim=1, largest=False, sorted=False)
+    if mins is None:
+        v, idx = torch.topk(d2, kc, dim=1, largest=False, sorted=False)
+    else:
+        width, C = _CHUNK_COLUMNS, mins.shape[1]
+        chunks = d2[:, :C * width].view(B, C, width)
+        pick = torch.topk(mins, kc, dim=1, largest=False, sorted=False)[1]            # [B, kc]
+        cand = chunks.gather(1, pick[:, :, None].expand(B, kc, width)).view(B, -1)
+        if n > C * width:                                      # the columns after the chunks
+            cand = torch.cat([cand, d2[:, C * width:]], 1)
+        v, o = torch.topk(cand, kc, dim=1, largest=False, sorted=False)
+        in_chunk = pick.gather(1, torch.div(o, width, rounding_mode='floor').clamp_(max=kc - 1))
+        idx = torch.where(o < kc * width, in_chunk * width + o % width,
+                          o + (C - kc) * width)                # candidate -> column
     idx, o = idx.sort(1)                                       # index order, then stable by T
-    t = v.gather(1, o) / m[:, None]
+    t = v.gather(1, o).clamp_min_(0.).div_(m[:, None])
     t, o = t.sort(dim=1, stable=True)
     idx = idx.gather(1, o)
     if kc == K + 1:
         tied = torch.nonzero(t[:, K] == t[:, K - 1]).flatten()
         if len(tied):
-            full = torch.sort(d2[tied] / m[tied, None], dim=1, stable=True)[1]
+            full = torch.sort(d2[tied].clamp_min_(0.).div_(m[tied, None]), dim=1, stable=True)[1]
             idx[tied] = full[:, :kc]
     return idx[:, :K]
 
@@ -207,7 +285,8 @@ def _reciprocal(nn, block):
     for s in range(0, len(nn), block):
         f = nn[s:s + block]                                    # [B, k]
         me = torch.arange(s, s + len(f), device=nn.device)[:, None, None]
-        ok = (nn[f] == me).any(2)                              # nn[f]: [B, k, k]
+        back = nn.index_select(0, f.reshape(-1)).view(len(f), nn.shape[1], -1)   # [B, k, k]
+        ok = (back == me).any(2)
         out[s:s + block] = torch.where(ok, f, torch.full_like(f, -1))
     return out
 
@@ -216,21 +295,36 @@ def _expansion(R, H, block):
     """k-reciprocal expansion (Zhong et al., Sec. 4.1). R [N, k1+1] k1-reciprocal sets,
     H [N, kh+1] round(k1/2)-reciprocal sets (-1 = empty slot). A member c of R(i) adds H(c)
     when |H(c) & R(i)| > 2/3 |H(c)|. Returns (counts [N], columns) of the unique, sorted
-    expanded sets, row after row."""
+    expanded sets, row after row.
+
+    One stable sort per row of R(i) followed by the H(c) of its members gives both the
+    membership test (a value is in R(i) when its run of equal values starts with an entry of
+    R(i)) and the union (the first kept entry of each run)."""
+    k, kh = R.shape[1], H.shape[1]
+    empty = len(R)                                             # sorts after every index
     counts, cols = [], []
     for s in range(0, len(R), block):
         r = R[s:s + block]                                     # [B, k]
-        h = H[r.clamp(min=0)]                                  # [B, k, kh]
-        hvalid = (h >= 0) & (r >= 0)[:, :, None]
-        member = (h[..., None] == r[:, None, None, :]).any(-1) & hvalid
-        size = hvalid.sum(-1)
-        accept = (member.sum(-1).double() > 2. / 3 * size.double()) & (r >= 0)  # as published
-        add = torch.where(accept[..., None] & hvalid, h, torch.full_like(h, -1))
-        allm = torch.cat([r, add.reshape(len(r), -1)], 1).sort(1)[0]  # [B, k + k * kh]
-        keep = allm >= 0
-        keep[:, 1:] &= allm[:, 1:] != allm[:, :-1]
-        counts.append(keep.sum(1))
-        cols.append(allm[keep])
+        B = len(r)
+        h = H.index_select(0, r.clamp(min=0).reshape(-1)).view(B, k, kh)
+        h = torch.where((r >= 0)[:, :, None], h, -1)           # [B, k, kh]
+        v = torch.cat([r, h.view(B, -1)], 1)
+        v, src = torch.where(v >= 0, v, empty).sort(dim=1, stable=True)   # [B, k + k * kh]
+        starts = torch.ones_like(v, dtype=torch.bool)
+        starts[:, 1:] = v[:, 1:] != v[:, :-1]
+        pos = torch.arange(v.shape[1], device=v.device).expand(B, -1)
+        run = torch.where(starts, pos, 0).cummax(1)[0]         # first position of each run
+        from_r = src < k
+        in_r = torch.empty_like(from_r).scatter_(1, src, from_r.gather(1, run))
+        hvalid = h >= 0
+        member = in_r[:, k:].view(B, k, kh) & hvalid
+        accept = (member.sum(-1).double() > 2. / 3 * hvalid.sum(-1).double()) & (r >= 0)
+        owner = torch.div(src - k, kh, rounding_mode='floor').clamp_(min=0)
+        keep = (v < empty) & (from_r | accept.gather(1, owner))
+        kept = keep.cumsum(1)                                  # first kept entry of each run:
+        first = keep & (kept - kept.gather(1, run) + keep.gather(1, run).long() == 1)
+        counts.append(first.sum(1))
+        cols.append(v[first])
     return torch.cat(counts), torch.cat(cols)
 
 
@@ -249,10 +343,11 @@ def _ranges(counts, budget):
 def _gather_rows(indptr, src, device):
     """Positions of the entries of CSR rows src [S] (indptr [R+1]) -> (owner [P] index into
     src, pos [P] entry positions), the rows' entries one after another."""
-    lens = indptr[src + 1] - indptr[src]
+    start = indptr.index_select(0, src)
+    lens = indptr.index_select(0, src + 1) - start
     owner = torch.repeat_interleave(torch.arange(len(src), device=device), lens)
-    first = torch.cumsum(lens, 0) - lens
-    pos = indptr[src][owner] + torch.arange(len(owner), device=device) - first[owner]
+    start -= torch.cumsum(lens, 0) - lens                      # entry position - pair position
+    pos = torch.arange(len(owner), device=device) + start.index_select(0, owner)
     return owner, pos
 
 
@@ -264,11 +359,11 @@ def _query_expansion(indptr, cols, vals, nearest, kk, N, device, budget):
         src = nearest[s:e, :kk].reshape(-1)
         owner, pos = _gather_rows(indptr, src, device)
         row = owner // kk                                               # local row in s:e
-        key = row * N + cols[pos]
+        key = row * N + cols.index_select(0, pos)
         key, o = key.sort()
         uniq, inv = torch.unique_consecutive(key, return_inverse=True)
         v = torch.zeros(len(uniq), dtype=torch.float32, device=device)
-        v.index_add_(0, inv, vals[pos][o])
+        v.index_add_(0, inv, vals.index_select(0, pos.index_select(0, o)))
         out_counts.append(torch.bincount(uniq // N, minlength=e - s))
         out_cols.append(uniq % N)
         out_vals.append(v / kk)
@@ -279,10 +374,13 @@ def _query_expansion(indptr, cols, vals, nearest, kk, N, device, budget):
 
 
 def _re_rank_core(Q, N, rows, pairs, k1, k2, lambda_value, device, block_rows=None):
-    """Shared implementation. rows(s, e, out) -> float32 [B, N] on `device`: rows s:e of the
-    squared distances whose row max normalises T, written into (a prefix of) out [>= B, N];
-    pairs(i, j) -> float32 [P]: the same values at explicit (row, column) pairs (int64
-    tensors on `device`). Returns the final distance np.float32 [Q, N - Q]."""
+    """Shared implementation. rows(s, e, out, tile): a generator that writes rows s:e of the
+    squared distances whose row max normalises T into out [e - s, N] (float32 on `device`;
+    negative values, the rounding of a distance 0, stand for 0), column tiles [c0, c1) of
+    `tile` columns or the whole row at once, and yields (c0, c1) after each, so that the tile
+    is reduced while it is in the cache. pairs(i, j) -> float32 [P]: the same values at
+    explicit (row, column) pairs (int64 tensors on `device`), called once, after the last
+    rows. Returns the final distance np.float32 [Q, N - Q]."""
     if k1 < 1 or k2 < 1:
         raise ValueError(f"re_ranking: k1 and k2 must be >= 1, got k1={k1}, k2={k2}")
     if not 0. <= lambda_value <= 1.:
@@ -290,79 +388,114 @@ def _re_rank_core(Q, N, rows, pairs, k1, k2, lambda_value, device, block_rows=No
     G = N - Q
     kh = int(np.around(k1 / 2.))
     K = min(N, max(k1 + 1, kh + 1, k2))
-    block = block_rows or max(1, _block_elements(device) // max(1, N))
+    block = block_rows or max(1, _block_elements(device, _ROW_BLOCK_ELEMENTS) // max(1, N))
+    W = _CHUNK_COLUMNS
+    C = N // W if N // W > 2 * min(N, K + 1) else 0            # chunks of the top-k search
+    tile = N if device.type == 'cuda' else max(W, _TILE_ELEMENTS // min(block, N) // W * W)
     with torch.no_grad():
         rowmax = torch.empty(N, dtype=torch.float32, device=device)
         nearest = torch.empty((N, K), dtype=torch.int64, device=device)   # initial_rank[:, :K]
         final = torch.empty((Q, G), dtype=torch.float32, device=device)
-        # Pass 1: rows of T's numerator -> max, nearest neighbours, query x gallery part of T.
+        # Pass 1: rows of T's numerator -> max, nearest neighbours, and the final distance
+        # where no Jaccard term adds to it, lambda * T + (1 - lambda) (query rows, gallery
+        # columns).
         buf = torch.empty((min(block, N), N), dtype=torch.float32, device=device)
+        mins = torch.empty((min(block, N), C), dtype=torch.float32, device=device)
+        rest = torch.full((), 1. - lambda_value, dtype=torch.float32, device=device)
         for s in range(0, N, block):
             e = min(N, s + block)
-            d2 = rows(s, e, buf)                               # [B, N]
-            m = d2.amax(1)                                     # NaN propagates
-            if torch.isnan(m).any():
-                raise ValueError("re_ranking: the distances hold NaN")
-            m = torch.where(m > 0, m, torch.ones_like(m))      # all-zero row: leave it at 0
-            rowmax[s:e] = m
-            nearest[s:e] = _nearest(d2, m, K)
-            if s < Q:
-                b = min(e, Q) - s
-                torch.div(d2[:b, Q:], m[:b, None], out=final[s:s + b])
-        del buf
+            d2, bq = buf[:e - s], max(0, min(e, Q) - s)        # bq: query rows in the block
+            pieces, m = rows(s, e, d2, tile), None
+            while True:
+                with _stage('distances', device):
+                    piece = next(pieces, None)
+                if piece is None:
+                    break
+                with _stage('max, top-k', device):
+                    c0, c1 = piece
+                    part = d2[:, c0:c1]
+                    pm = part.amax(1)                          # NaN propagates
+                    m = pm if m is None else torch.maximum(m, pm, out=m)
+                    a, b = c0 // W, min(C, c1 // W)            # whole chunks in the piece
+                    if b > a:
+                        torch.amin(part[:, :(b - a) * W].view(e - s, b - a, W), 2,
+                                   out=mins[:e - s, a:b])
+                    if bq and c1 > Q:                          # query rows, gallery columns
+                        g0 = max(c0, Q)
+                        torch.clamp_min(part[:bq, g0 - c0:], 0.,
+                                        out=final[s:s + bq, g0 - Q:c1 - Q])
+            with _stage('max, top-k', device):
+                m = m.clamp_min_(0.)
+                if torch.isnan(m).any():
+                    raise ValueError("re_ranking: the distances hold NaN")
+                m = torch.where(m > 0, m, torch.ones_like(m))  # all-zero row: leave it at 0
+                rowmax[s:e] = m
+                nearest[s:e] = _nearest(d2, mins[:e - s] if C else None, m, K)
+                if bq:                                         # lambda * T + (1 - lambda)
+                    torch.addcmul(rest, final[s:s + bq], (lambda_value / m[:bq])[:, None],
+                                  out=final[s:s + bq])
+        del buf, mins
         # k-reciprocal sets, their expansion, and V (CSR: indptr, cols, vals).
         sblock = max(1, _pair_budget(device) // (K * K))
-        R = _reciprocal(nearest[:, :min(N, k1 + 1)].contiguous(), sblock)
-        H = _reciprocal(nearest[:, :min(N, kh + 1)].contiguous(), sblock)
-        counts, cols = _expansion(R, H, sblock)
+        with _stage('reciprocal sets', device):
+            R = _reciprocal(nearest[:, :min(N, k1 + 1)].contiguous(), sblock)
+            H = _reciprocal(nearest[:, :min(N, kh + 1)].contiguous(), sblock)
+        with _stage('expansion', device):
+            counts, cols = _expansion(R, H, sblock)
         del R, H
-        indptr = torch.zeros(N + 1, dtype=torch.int64, device=device)
-        indptr[1:] = torch.cumsum(counts, 0)
-        rows_of = torch.repeat_interleave(torch.arange(N, device=device), counts)
-        w = torch.exp(-(pairs(rows_of, cols) / rowmax[rows_of]))       # exp(-T[i, j])
-        wsum = torch.zeros(N, dtype=torch.float32, device=device).index_add_(0, rows_of, w)
-        vals = w / wsum[rows_of]
-        del rows_of, w
+        with _stage('V weights', device):
+            indptr = torch.zeros(N + 1, dtype=torch.int64, device=device)
+            indptr[1:] = torch.cumsum(counts, 0)
+            rows_of = torch.repeat_interleave(torch.arange(N, device=device), counts)
+            w = pairs(rows_of, cols).div_(rowmax.index_select(0, rows_of)).neg_().exp_()
+            wsum = torch.zeros(N, dtype=torch.float32, device=device).index_add_(0, rows_of, w)
+            vals = w.div_(wsum.index_select(0, rows_of))             # exp(-T) / row sum
+            del rows_of, w
         if k2 != 1:
-            indptr, cols, vals = _query_expansion(indptr, cols, vals, nearest, min(k2, N), N,
-                                                  device, _pair_budget(device))
+            with _stage('query expansion', device):
+                indptr, cols, vals = _query_expansion(indptr, cols, vals, nearest, min(k2, N),
+                                                      N, device, _pair_budget(device))
         del nearest
         # Inverted index of the gallery rows of V: for each column k, the gallery rows
         # holding it and their values.
-        gstart = int(indptr[Q])
-        g_rows = torch.repeat_interleave(torch.arange(G, device=device),
-                                         indptr[Q + 1:] - indptr[Q:-1])
-        g_cols = cols[gstart:]
-        g_cols, o = g_cols.sort(stable=True)
-        col_rows, col_vals = g_rows[o], vals[gstart:][o]
-        del g_rows, o
-        col_ptr = torch.zeros(N + 1, dtype=torch.int64, device=device)
-        col_ptr[1:] = torch.cumsum(torch.bincount(g_cols, minlength=N), 0)
-        del g_cols
-        col_len = col_ptr[1:] - col_ptr[:-1]
-        # Jaccard distance of query rows to gallery rows: sum_k min(V[i, k], V[j, k]), over
-        # the (query entry, gallery row) pairs that share a column, in blocks of queries.
-        q_cols, q_vals = cols[:gstart], vals[:gstart]
-        entry_pairs = col_len[q_cols]                                   # pairs per entry
-        q_rows = torch.repeat_interleave(torch.arange(Q, device=device),
-                                         indptr[1:Q + 1] - indptr[:Q])
-        per_query = torch.zeros(Q, dtype=torch.int64, device=device).index_add_(
-            0, q_rows, entry_pairs)
-        qcap = max(1, _block_elements(device) // max(1, G))
-        acc_buf = None
-        for s0, e0 in _ranges(per_query, _pair_budget(device)):
-            for s in range(s0, e0, qcap):
-                e = min(e0, s + qcap)
-                a, b = int(indptr[s]), int(indptr[e])
-                owner, pos = _gather_rows(col_ptr, q_cols[a:b], device)
-                mins = torch.minimum(q_vals[a:b][owner], col_vals[pos])
-                cell = (q_rows[a:b][owner] - s) * G + col_rows[pos]
-                if acc_buf is None or acc_buf.numel() < (e - s) * G:
-                    acc_buf = torch.empty(max((e - s) * G, min(Q, qcap) * G),
-                                          dtype=torch.float32, device=device)
-                acc = acc_buf[:(e - s) * G].zero_()
-                acc.index_add_(0, cell, mins)
-                tmin = acc.view(e - s, G)
-                jac = tmin.div_(2. - tmin).neg_().add_(1.)              # 1 - t / (2 - t)
-                final[s:e].mul_(lambda_value).add_(jac, alpha=1 - lambda_value)
+        with _stage('inverted index', device):
+            gstart = int(indptr[Q])
+            g_rows = torch.repeat_interleave(torch.arange(G, device=device),
+                                             indptr[Q + 1:] - indptr[Q:-1])
+            g_cols = cols[gstart:]
+            g_cols, o = g_cols.sort(stable=True)
+            col_rows, col_vals = g_rows.index_select(0, o), vals[gstart:].index_select(0, o)
+            del g_rows, o
+            col_ptr = torch.zeros(N + 1, dtype=torch.int64, device=device)
+            col_ptr[1:] = torch.cumsum(torch.bincount(g_cols, minlength=N), 0)
+            del g_cols
+            col_len = col_ptr[1:] - col_ptr[:-1]
+        # Jaccard distance of query rows to gallery rows, t = sum_k min(V[i, k], V[j, k]), over
+        # the (query entry, gallery row) pairs that share a column, in blocks of queries. Pass 1
+        # wrote lambda * T + (1 - lambda), the final distance where t = 0; the cells with t > 0
+        # lose (1 - lambda) * t / (2 - t) (the Jaccard distance is 1 - t / (2 - t)).
+        with _stage('jaccard', device):
+            q_cols, q_vals = cols[:gstart].clone(), vals[:gstart].clone()
+            del cols, vals                                  # the gallery part is in col_*
+            q_rows = torch.repeat_interleave(torch.arange(Q, device=device),
+                                             indptr[1:Q + 1] - indptr[:Q])
+            per_query = torch.zeros(Q, dtype=torch.int64, device=device).index_add_(
+                0, q_rows, col_len[q_cols])                            # pairs per query
+            qcap = max(1, _block_elements(device, _BLOCK_ELEMENTS) // max(1, G))
+            acc = torch.zeros(min(Q, qcap) * G, dtype=torch.float32, device=device)
+            flat = final.view(-1)
+            for s0, e0 in _ranges(per_query, _pair_budget(device)):
+                for s in range(s0, e0, qcap):
+                    e = min(e0, s + qcap)
+                    a, b = int(indptr[s]), int(indptr[e])
+                    owner, pos = _gather_rows(col_ptr, q_cols[a:b], device)
+                    cell = q_rows[a:b].index_select(0, owner).sub_(s).mul_(G).add_(
+                        col_rows.index_select(0, pos))                 # in acc
+                    acc.index_add_(0, cell, torch.minimum(q_vals[a:b].index_select(0, owner),
+                                                          col_vals.index_select(0, pos)))
+                    t = acc.index_select(0, cell)          # a cell's pairs all hold its sum
+                    acc.index_fill_(0, cell, 0.)           # zero again for the next block
+                    cell += s * G                                      # in final
+                    gap = t.div_(t.neg().add_(2.)).mul_(1. - lambda_value)
+                    flat.index_copy_(0, cell, flat.index_select(0, cell).sub_(gap))
         return final.cpu().numpy()

@@ -1,13 +1,17 @@
 """Benchmark at Market-1501 scale (synthetic features): evaluate_rank vs a per-query numpy loop,
-re-ranking vs the dense loop implementation (time, peak memory), query x gallery local distance.
+re-ranking vs the numpy implementation it replaced (bench/re_ranking_numpy.py, commit a0b4112)
+and the dense loop implementation (time, peak memory), query x gallery local distance.
 
     python bench/evaluation.py                 # Market-1501 scale, all three comparisons
-    python bench/evaluation.py --msmt17        # re-ranking from features at MSMT17 scale
+    python bench/evaluation.py --msmt17 --dim 128
+                                               # re-ranking from features at MSMT17 scale
     python bench/evaluation.py --parts re_rank --features clustered --dim 128
                                                # tight identity clusters (751 ids), 128-d
-Peak memory is measured in a spawned child: VmHWM from /proc/self/status after the inputs are
-loaded and the high-water mark reset (/proc/self/clear_refs), minus VmRSS at that moment; the
-child's user and system CPU seconds and minor page faults come from resource.getrusage."""
+Every re-ranking runs in its own spawned child, one after the other. Peak memory: VmHWM from
+/proc/self/status after the inputs are loaded and the high-water mark reset
+(/proc/self/clear_refs), minus VmRSS at that moment; user and system CPU seconds and minor page
+faults: resource.getrusage of the child; the torch implementation's stages (wall, user, system
+seconds, page faults): aligned_reid.re_ranking.STAGES."""
 import multiprocessing as mp
 import os
 import resource
@@ -19,6 +23,8 @@ import numpy as np
 import torch
 
 from aligned_reid import cli
+import aligned_reid.re_ranking as rr
+import re_ranking_numpy
 from aligned_reid.evaluation import compute_dist, evaluate_rank
 from aligned_reid.loss import local_dist
 from aligned_reid.re_ranking import re_ranking, re_ranking_features
@@ -173,9 +179,13 @@ def _status_kb(key):
     raise RuntimeError(f"no {key} in /proc/self/status")
 
 
+SAMPLE_ROWS = 97        # with keep_result=False, every SAMPLE_ROWS-th result row comes back
+
+
 def _child(conn, job, paths, out_path, threads):
     torch.set_num_threads(threads or torch.get_num_threads())
     arrays = [np.load(p) for p in paths]
+    rr.STAGES = {}
     with open('/proc/self/clear_refs', 'w') as f:
         f.write('5')                                            # reset VmHWM to VmRSS
     base = _status_kb('VmRSS')
@@ -186,9 +196,11 @@ def _child(conn, job, paths, out_path, threads):
     r1 = resource.getrusage(resource.RUSAGE_SELF)
     peak = _status_kb('VmHWM') - base
     usage = {'user': r1.ru_utime - r0.ru_utime, 'sys': r1.ru_stime - r0.ru_stime,
-             'minflt': r1.ru_minflt - r0.ru_minflt}
+             'minflt': r1.ru_minflt - r0.ru_minflt, 'stages': rr.STAGES}
     if out_path is None:
-        conn.send((seconds, peak / 1024. ** 2, (out.shape, out.dtype.str, out.nbytes), usage))
+        info = {'shape': out.shape, 'dtype': out.dtype.str, 'nbytes': out.nbytes,
+                'sample': out[::SAMPLE_ROWS].copy()}
+        conn.send((seconds, peak / 1024. ** 2, info, usage))
     else:
         np.save(out_path, out)
         conn.send((seconds, peak / 1024. ** 2, None, usage))
@@ -197,9 +209,10 @@ def _child(conn, job, paths, out_path, threads):
 
 def measured(job, paths, tmp, name, keep_result=True, threads=None):
     """Run job(*np.load(paths)) in a spawned child -> (seconds, peak GB above inputs, result);
-    with keep_result=False the result is (shape, dtype, nbytes) only. The child's CPU usage
-    (user / sys seconds, minor page faults) is kept in LAST_USAGE. threads: torch CPU threads
-    of the child (default: torch's choice)."""
+    with keep_result=False the result is a dict of its shape, dtype, nbytes and every
+    SAMPLE_ROWS-th row ('sample'). The child's CPU usage (user / sys seconds, minor page
+    faults) and the torch re-ranking's stages (nothing for other jobs) are kept in LAST_USAGE.
+    threads: torch CPU threads of the child (default: torch's choice)."""
     out_path = os.path.join(tmp, name + '.npy') if keep_result else None
     ctx = mp.get_context('spawn')          # a forked child can hang in torch's thread pool
     recv, send = ctx.Pipe(duplex=False)
@@ -222,12 +235,30 @@ def usage_str():
     return f"(user {u['user']:.1f} s, sys {u['sys']:.2f} s, {u['minflt'] / 1e3:.0f}k page faults)"
 
 
+def print_stages(indent='    '):
+    """The stages of the last measured torch re-ranking: wall, user, system seconds, faults."""
+    stages = LAST_USAGE.get('stages') or {}
+    if not stages:
+        return
+    print(f"{indent}{'stage':18s} {'wall s':>7s} {'user s':>7s} {'sys s':>6s} {'faults':>8s}")
+    for name, (wall, user, system, faults) in stages.items():
+        print(f"{indent}{name:18s} {wall:7.2f} {user:7.2f} {system:6.2f} {faults / 1e3:7.0f}k")
+
+
 def _rr_matrix(q_g, q_q, g_g):
     return re_ranking(q_g, q_q, g_g)
 
 
 def _rr_features(qf, gf):
     return re_ranking_features(qf, gf)
+
+
+def _numpy_matrix(q_g, q_q, g_g):
+    return re_ranking_numpy.re_ranking(q_g, q_q, g_g)
+
+
+def _numpy_features(qf, gf):
+    return re_ranking_numpy.re_ranking_features(qf, gf)
 
 
 def timed(fn, *a, **kw):
@@ -271,25 +302,36 @@ def bench_re_ranking(qf, gf, q_ids, g_ids, q_cams, g_cams, tmp, dense, threads=N
     fpaths = [os.path.join(tmp, 'qf.npy'), os.path.join(tmp, 'gf.npy')]
     np.save(fpaths[0], qf)
     np.save(fpaths[1], gf)
-    t_m, peak_m, rr_m = measured(_rr_matrix, paths, tmp, 'ours_matrix', threads=threads)
-    res_m = evaluate_rank(rr_m, q_ids, g_ids, q_cams, g_cams)
-    print(f"re_ranking (matrices)         : {t_m:7.2f} s  peak above inputs {peak_m:5.2f} GB  "
-          f"Rank-1 {100 * res_m['cmc'][0]:.4f}  mAP {100 * res_m['mAP']:.6f}  {usage_str()}")
-    t_f, peak_f, rr_f = measured(_rr_features, fpaths, tmp, 'ours_features', threads=threads)
-    res_f = evaluate_rank(rr_f, q_ids, g_ids, q_cams, g_cams)
-    print(f"re_ranking_features (dim {qf.shape[1]:4d}) : {t_f:7.2f} s  peak above inputs "
-          f"{peak_f:5.2f} GB  Rank-1 {100 * res_f['cmc'][0]:.4f}  mAP {100 * res_f['mAP']:.6f}"
-          f"  (max |diff| vs matrices {np.abs(rr_f - rr_m).max():.1e})  {usage_str()}")
+    dim = qf.shape[1]
+
+    def run(label, job, inputs, name, reference=None):
+        t, peak, out = measured(job, inputs, tmp, name, threads=threads)
+        res = evaluate_rank(out, q_ids, g_ids, q_cams, g_cams)
+        diff = '' if reference is None else f"  max |diff| vs ours {np.abs(out - reference).max():.1e}"
+        print(f"{label:34s}: {t:7.2f} s  peak above inputs {peak:5.2f} GB  Rank-1 "
+              f"{100 * res['cmc'][0]:.4f}  mAP {100 * res['mAP']:.6f}{diff}  {usage_str()}")
+        print_stages()
+        return t, peak, out, res
+
+    t_m, peak_m, rr_m, res_m = run("re_ranking (matrices)", _rr_matrix, paths, 'ours_matrix')
+    t_f, peak_f, rr_f, _ = run(f"re_ranking_features (dim {dim})", _rr_features, fpaths,
+                               'ours_features', rr_m)
+    t_nm, peak_nm, _, _ = run("numpy a0b4112 re_ranking", _numpy_matrix, paths, 'numpy_matrix', rr_m)
+    t_nf, peak_nf, _, _ = run(f"numpy a0b4112 features (dim {dim})", _numpy_features, fpaths,
+                              'numpy_features', rr_f)
+    print(f"vs the numpy implementation: matrices {t_nm / t_m:.2f}x as fast, memory "
+          f"{peak_m:.2f} / {peak_nm:.2f} GB; features {t_nf / t_f:.2f}x as fast, memory "
+          f"{peak_f:.2f} / {peak_nf:.2f} GB (the [Q, G] float32 result is "
+          f"{rr_m.nbytes / 1024 ** 3:.2f} GB)")
+    out = {'matrices': (t_m, peak_m), 'features': (t_f, peak_f),
+           'numpy matrices': (t_nm, peak_nm), 'numpy features': (t_nf, peak_nf)}
     if dense:
-        t_d, peak_d, rr_d = measured(dense_re_ranking, paths, tmp, 'dense')
-        res_d = evaluate_rank(rr_d, q_ids, g_ids, q_cams, g_cams)
-        print(f"dense loop implementation     : {t_d:7.2f} s  peak above inputs {peak_d:5.2f} GB  "
-              f"Rank-1 {100 * res_d['cmc'][0]:.4f}  mAP {100 * res_d['mAP']:.6f}  {usage_str()}")
+        t_d, peak_d, rr_d, res_d = run("dense loop implementation", dense_re_ranking, paths,
+                                       'dense', rr_m)
         print(f"speed-up {t_d / t_m:.1f}x (matrices), memory {peak_d / max(peak_m, 1e-9):.1f}x less;"
-              f" max |final diff| {np.abs(rr_d - rr_m).max():.1e}, "
-              f"|mAP diff| {abs(res_d['mAP'] - res_m['mAP']):.1e}")
-        return {'matrices': (t_m, peak_m), 'features': (t_f, peak_f), 'dense': (t_d, peak_d)}
-    return {'matrices': (t_m, peak_m), 'features': (t_f, peak_f)}
+              f" |mAP diff| {abs(res_d['mAP'] - res_m['mAP']):.1e}")
+        out['dense'] = (t_d, peak_d)
+    return out
 
 
 def bench_local(num_query, num_gallery, stripes=8, dim=128, seed=0):
@@ -313,18 +355,38 @@ def bench_local(num_query, num_gallery, stripes=8, dim=128, seed=0):
 
 
 def bench_msmt17(dim, tmp, threads=None):
-    print(f"\n== re_ranking_features at MSMT17 scale: 11659 x 82161, dim {dim} ==")
-    qf, gf, *_ = market_like(11659, 82161, num_ids=3060, num_cams=15, num_distractors=0,
-                             dim=dim, seed=1)
+    print(f"\n== re_ranking_features at MSMT17 scale: 11659 x 82161, dim {dim}, torch threads "
+          f"{threads or torch.get_num_threads()} ==")
+    qf, gf, q_ids, g_ids, q_cams, g_cams = market_like(11659, 82161, num_ids=3060, num_cams=15,
+                                                       num_distractors=0, dim=dim, seed=1)
     fpaths = [os.path.join(tmp, 'mqf.npy'), os.path.join(tmp, 'mgf.npy')]
     np.save(fpaths[0], qf)
     np.save(fpaths[1], gf)
     del qf, gf
-    t, peak, (shape, dtype, nbytes) = measured(_rr_features, fpaths, tmp, 'msmt',
-                                               keep_result=False, threads=threads)
-    print(f"re_ranking_features: {t:.1f} s, peak above inputs {peak:.2f} GB (the {shape} {dtype} "
-          f"output alone is {nbytes / 1024 ** 3:.2f} GB); a dense (Q+G)^2 float32 matrix "
-          f"would be {(11659 + 82161) ** 2 * 4 / 1024 ** 3:.0f} GB  {usage_str()}")
+    sampled = slice(None, None, SAMPLE_ROWS)
+
+    def quality(sample):
+        res = evaluate_rank(sample, q_ids[sampled], g_ids, q_cams[sampled], g_cams)
+        return f"Rank-1 {100 * res['cmc'][0]:.4f}  mAP {100 * res['mAP']:.6f}"
+
+    t, peak, info = measured(_rr_features, fpaths, tmp, 'msmt', keep_result=False,
+                             threads=threads)
+    nbytes = info['nbytes'] / 1024 ** 3
+    print(f"re_ranking_features          : {t:6.1f} s, peak above inputs {peak:.2f} GB = the "
+          f"{info['shape']} {info['dtype']} output ({nbytes:.2f} GB) + {peak - nbytes:.2f} GB  "
+          f"{usage_str()}")
+    print_stages()
+    t_n, peak_n, info_n = measured(_numpy_features, fpaths, tmp, 'msmt_numpy', keep_result=False,
+                                   threads=threads)
+    print(f"numpy a0b4112 (the baseline) : {t_n:6.1f} s, peak above inputs {peak_n:.2f} GB = "
+          f"output + {peak_n - nbytes:.2f} GB  {usage_str()}")
+    print(f"torch vs numpy: {t_n / t:.2f}x as fast, {peak:.2f} / {peak_n:.2f} GB; a dense "
+          f"(Q+G)^2 float32 matrix would be {(11659 + 82161) ** 2 * 4 / 1024 ** 3:.0f} GB")
+    diff = np.abs(info['sample'] - info_n['sample'])
+    print(f"every {SAMPLE_ROWS}th query row ({len(diff)}): max |diff| {diff.max():.1e}, cells over "
+          f"1e-5 {(diff > 1e-5).mean():.1e}, rows with one {(diff > 1e-5).any(1).sum()}; torch "
+          f"{quality(info['sample'])}, numpy {quality(info_n['sample'])} (the features' distances "
+          f"are rounded differently: neighbours within float32 rounding of each other may swap)")
 
 
 def build_parser():

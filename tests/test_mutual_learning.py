@@ -10,7 +10,7 @@ from aligned_reid import engine
 from aligned_reid.loss import compute_losses, mutual_learning_losses
 from aligned_reid.prepare import prepare_market_layout
 from aligned_reid.synthetic import render_market_tree
-from script_loader import load_script
+from conftest import load_script
 
 train_ml = load_script('script', 'train_ml')
 

@@ -91,6 +91,23 @@ def test_features_entry_equals_matrix_entry(distance):
     np.testing.assert_allclose(got, want, rtol=0, atol=1e-5)
 
 
+@pytest.mark.parametrize("distance,normalize,metric", [
+    ('global', True, 'euclidean'), ('global', False, 'cosine'), ('global', True, 'cosine'),
+    ('local', True, 'euclidean'), ('global_local', True, 'euclidean')])
+def test_features_entry_options(distance, normalize, metric):
+    # features normalised once for every block, the cosine distance through dist_block
+    rng = np.random.default_rng(6)
+    qf, _ = clustered(rng, 30, 24, 10)
+    gf, _ = clustered(rng, 110, 24, 10)
+    q = {'global': qf, 'local': qf.reshape(30, 4, 6)}
+    g = {'global': gf, 'local': gf.reshape(110, 4, 6)}
+    kw = dict(distance=distance, normalize=normalize, metric=metric)
+    mats = [compute_dist(a, b, **kw) for a, b in ((q, g), (q, q), (g, g))]
+    want = dense_reference(*mats, 8, 3, 0.3)
+    np.testing.assert_allclose(re_ranking_features(q, g, k1=8, k2=3, block_rows=11, **kw), want,
+                               rtol=0, atol=1e-5)
+
+
 def test_features_entry_normalized_and_bad_name():
     rng = np.random.default_rng(4)
     q, _ = clustered(rng, 25, 12, 8)
@@ -104,17 +121,29 @@ def test_features_entry_normalized_and_bad_name():
         re_ranking(mats[0], mats[2], mats[1])
 
 
+@pytest.mark.parametrize("chunk", [None, 8, 3])
 @pytest.mark.parametrize("n,K", [(500, 21), (333, 7), (1000, 11), (155, 5), (97, 3)])
-def test_nearest_selection_is_a_stable_sort(n, K):
-    # the two-stage top-K must equal the head of a stable argsort of T = d2 / m, ties included
-    from aligned_reid.re_ranking import _nearest
+def test_nearest_selection_is_a_stable_sort(n, K, chunk, monkeypatch):
+    # the top-K search (whole rows, or the K + 1 column chunks of smallest minima and the
+    # columns after the last chunk) must equal the head of a stable argsort of
+    # T = max(d2, 0) / m, ties and negative values (a rounded distance 0) included
+    import aligned_reid.re_ranking as rr
+    if chunk is not None:
+        monkeypatch.setattr(rr, '_CHUNK_COLUMNS', chunk)
     rng = np.random.default_rng(n + K)
-    d2 = rng.random((40, n)).astype(np.float32)
+    d2 = rng.random((50, n)).astype(np.float32)
     d2[:10] = rng.integers(0, 30, (10, n)).astype(np.float32)   # many exact ties
     d2[10:20] = (d2[10:20] * 1e-3 + 1).astype(np.float32)        # ties created by the division
-    m = d2.max(1) * np.float32(3.3)
-    want = np.argsort(d2 / m[:, None], axis=1, kind='stable')[:, :K]
-    got = _nearest(torch.from_numpy(d2), torch.from_numpy(m), K).numpy()
+    d2[20:30] -= np.float32(0.5)                                 # negatives: all read as 0
+    d2[30:40, rng.integers(0, n, 4)] = -1e-6                     # a few negatives in each row
+    d2[40:45, :n // 2] = d2[40:45, n // 2:n // 2 * 2]            # each value twice
+    m = np.maximum(d2.max(1), 0.1) * np.float32(3.3)
+    want = np.argsort(np.maximum(d2, 0) / m[:, None], axis=1, kind='stable')[:, :K]
+    mins = None
+    if chunk is not None:
+        C = n // chunk
+        mins = torch.from_numpy(d2[:, :C * chunk].reshape(len(d2), C, chunk).min(2))
+    got = rr._nearest(torch.from_numpy(d2), mins, torch.from_numpy(m), K).numpy()
     np.testing.assert_array_equal(got, want)
 
 
@@ -161,8 +190,11 @@ def test_small_blocks(monkeypatch):
     g, _ = clustered(rng, 150, 8, 12)
     mats = [compute_dist(a, b) for a, b in ((q, g), (q, q), (g, g))]
     want = dense_reference(*mats, 10, 4, 0.3)
+    monkeypatch.setattr(rr, '_ROW_BLOCK_ELEMENTS', 700)
     monkeypatch.setattr(rr, '_BLOCK_ELEMENTS', 700)
     monkeypatch.setattr(rr, '_PAIR_BUDGET', 50)
+    monkeypatch.setattr(rr, '_CHUNK_COLUMNS', 4)
+    monkeypatch.setattr(rr, '_TILE_ELEMENTS', 13 * 3)    # 3-row blocks: 12-column tiles
     np.testing.assert_allclose(re_ranking(*mats, k1=10, k2=4), want, rtol=0, atol=1e-5)
     np.testing.assert_allclose(re_ranking_features(q, g, k1=10, k2=4), want, rtol=0, atol=1e-5)
 
