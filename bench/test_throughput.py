@@ -1,11 +1,10 @@
 """Throughput of a full test, stage by stage (data loading, feature extraction, each distance
-matrix, each re-ranking, the evaluation) on the CPU and on CUDA when present, and re-ranking at
-Market-1501 scale against a dense implementation of the published algorithm.
+matrix, each re-ranking, the evaluation) on the CPU and on CUDA when present. Re-ranking against a dense
+implementation of the published algorithm: bench/evaluation.py --parts re_rank --features clustered.
 
     python bench/test_throughput.py        # small synthetic set (rendered once), resnet18 128x64
     python bench/test_throughput.py --partitions ~/Dataset/market1501/partitions.pkl \\
         --base_model resnet50 --resize_h_w 256 128 --workers 12 --amp true    # Market-size run
-    python bench/test_throughput.py --compare_re_ranking     # adds the 3,368 x 15,913 comparison
 The model is randomly initialised: the work does not depend on the weights."""
 import os
 import subprocess
@@ -107,18 +106,6 @@ def bench_device(device, args, partitions, im_dir, model):
     return rows
 
 
-def compare_re_ranking(args):
-    """Re-ranking at Market-1501 scale on clustered features vs the dense published algorithm,
-    through bench/evaluation.py (each run in a child: time, peak memory above the inputs)."""
-    sys.path.insert(0, HERE)
-    import evaluation as bench_eval            # bench/evaluation.py
-    qf, gf, q_ids, g_ids, q_cams, g_cams = bench_eval.clustered_like(dim=args.compare_dim)
-    with tempfile.TemporaryDirectory() as tmp:
-        out = bench_eval.bench_re_ranking(qf, gf, q_ids, g_ids, q_cams, g_cams, tmp, not args.skip_dense,
-                                          args.threads)
-    return out
-
-
 def build_parser():
     p = cli.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument('--partitions', default=None,
@@ -148,12 +135,6 @@ def build_parser():
                    help='L2-normalise features before distances. Default: false')
     p.add_argument('--amp', type=boolean, default=False, help='mixed-precision extraction on CUDA. Default: false')
     p.add_argument('--threads', type=int, default=None, help='torch CPU threads. Default: torch\'s choice')
-    p.add_argument('--compare_re_ranking', action='store_true',
-                   help='also compare re-ranking with the dense published algorithm at Market-1501 scale '
-                        '(3,368 x 15,913 clustered features; the dense run needs ~6 GB). Default: off')
-    p.add_argument('--compare_dim', type=int, default=128, help='feature size of that comparison. Default: 128')
-    p.add_argument('--skip_dense', action='store_true', help='in that comparison, skip the dense run. Default: run it')
-    p.add_argument('--skip_test', action='store_true', help='skip the staged test (only the comparison). Default: run it')
     return p
 
 
@@ -166,20 +147,17 @@ def main(args):
         if d.startswith('cuda') and not torch.cuda.is_available():
             raise SystemExit(f"test_throughput.py: --devices {d}: CUDA is not available here")
     print(f"torch {torch.__version__}, {os.cpu_count()} cpus, torch threads {torch.get_num_threads()}")
-    if not args.skip_test:
-        synthetic_dir = args.synthetic_dir or os.path.join(
-            tempfile.gettempdir(), f'aligned_reid_bench_synthetic_{args.num_test_ids}_{args.ims_per_id_cam}')
-        path = args.partitions or synthetic_set(synthetic_dir, args.num_test_ids, args.ims_per_id_cam,
-                                                args.workers)
-        partitions = data.read_partitions(os.path.expanduser(path))
-        im_dir = data.partitions_images_dir(os.path.expanduser(path))
-        model = Model(base=args.base_model, num_classes=None, pretrained=False)
-        print(f"set {path}: {len(partitions['test_im_names'])} test images; {args.base_model} at "
-              f"{args.resize_h_w[0]}x{args.resize_h_w[1]}, batch {args.test_batch_size}, {args.workers} workers")
-        for d in devices:
-            bench_device(torch.device(d), args, partitions, im_dir, model)
-    if args.compare_re_ranking:
-        compare_re_ranking(args)
+    synthetic_dir = args.synthetic_dir or os.path.join(
+        tempfile.gettempdir(), f'aligned_reid_bench_synthetic_{args.num_test_ids}_{args.ims_per_id_cam}')
+    path = args.partitions or synthetic_set(synthetic_dir, args.num_test_ids, args.ims_per_id_cam,
+                                            args.workers)
+    partitions = data.read_partitions(os.path.expanduser(path))
+    im_dir = data.partitions_images_dir(os.path.expanduser(path))
+    model = Model(base=args.base_model, num_classes=None, pretrained=False)
+    print(f"set {path}: {len(partitions['test_im_names'])} test images; {args.base_model} at "
+          f"{args.resize_h_w[0]}x{args.resize_h_w[1]}, batch {args.test_batch_size}, {args.workers} workers")
+    for d in devices:
+        bench_device(torch.device(d), args, partitions, im_dir, model)
 
 
 if __name__ == '__main__':
