@@ -47,9 +47,10 @@ def test_the_pages_show_commands():
 
 
 @pytest.mark.parametrize('page, name, rest', CASES, ids=['{}: {} {}'.format(p, n, r)[:90] for p, n, r in CASES])
-def test_documented_command_parses(page, name, rest, capsys):
+def test_documented_command_parses(page, name, rest, capsys, monkeypatch):
     where = _script(name)
     assert where is not None, '{} shows {}, which is in none of {}'.format(page, name, FOLDERS)
+    monkeypatch.syspath_prepend(str(REPO / where[0]))  # as for a program: its folder first on sys.path
     module = load_script(*where)
     rest = re.sub(r'\[[^\]]*\.\.\.[^\]]*\]', '', rest)  # optional parts written as [--seeds ...]
     tokens = [t for t in shlex.split(rest) if t != '...']
