@@ -24,8 +24,9 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 # Flags common to all settings come from the preset. The mutual-learning rows are the older
 # reproduction's reported setting (global loss, global-distance mutual loss only, -gdmlw 1) from one
-# shared start (--same_init true: the distance matrices agree at step 0, so the mutual loss starts at 0)
-# and, as controls, from two different starts, at weight 0.1, and with normalised features.
+# shared start (--same_init true: the distance matrices agree at step 0, so the mutual loss starts at 0;
+# on a deterministic device the two models then stay equal) and, as controls, from two different
+# starts, at weight 0.1, and with normalised features.
 ML = ['-glw', '1', '-llw', '0', '-idlw', '0', '-pmlw', '0', '-ldmlw', '0']
 NORM = ['--normalize_feature', 'true']
 SETTINGS = {
@@ -49,7 +50,7 @@ SETTINGS = {
                                    '--local_dist_own_hard_sample', 'true']),
 }
 DEFAULT_SETTINGS = ('global', 'mutual-shared', 'mutual-different', 'global+local', 'global+local-own',
-                    'mutual-different-w0.1', 'global-norm', 'global+local-norm', 'mutual-shared-norm')
+                    'mutual-different-w0.1', 'global-norm', 'global+local-norm', 'mutual-different-norm')
 
 # cpu: ResNet-18 at 64 x 32 with last stride 1 -> a 4 x 2 feature map, 4 stripes to align, at
 # about half the cost of 128 x 64 with stride 2 (the same 4 rows). gpu: the paper's setting,
