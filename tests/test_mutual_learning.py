@@ -80,9 +80,9 @@ def test_local_mutual_loss_needs_own_hard_samples(partitions, tmp_path, capsys):
     base = ['--train_partitons', partitions, '--exp_dir', str(tmp_path / 'e'), '--device', 'cpu', '-llw', '1',
             '--ids_per_batch', '2']
     line = parse_error(base + ['-ldmlw', '0.5'], capsys)
-    assert line.endswith(' error: -ldmlw 0.5 needs --local_dist_own_hard_sample true, as in the older reproduction, '
-                         'which computes the local-distance mutual loss only then (0 otherwise); give '
-                         '--local_dist_own_hard_sample true, or -ldmlw 0')
+    assert (' error: -ldmlw 0.5 needs --local_dist_own_hard_sample true, as in the older reproduction, '
+            'which computes the local-distance mutual loss only then (0 otherwise); give '
+            '--local_dist_own_hard_sample true, or -ldmlw 0; see ') in line
     args = train_ml.parse_args(base + ['-ldmlw', '0.5', '--local_dist_own_hard_sample', 'true'])
     assert args.local_dist_mutual_loss_weight == 0.5 and args.same_init is False
     assert train_ml.parse_args(base + ['-ldmlw', '0']).local_dist_mutual_loss_weight == 0.
