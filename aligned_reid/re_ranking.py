@@ -22,7 +22,7 @@ _ROW_BLOCK_ELEMENTS = 1 << 24  # cells of the [B, Q + G] distance row block (64 
 _BLOCK_ELEMENTS = 1 << 22     # cells of a [B, G] block of the Jaccard sums (16 MB)
 _PAIR_BUDGET = 1 << 19        # (entry, row) pairs expanded at once in the sparse steps
 _CHUNK_COLUMNS = 64           # columns per chunk of the top-k search (see _nearest)
-_TILE_ELEMENTS = 1 << 20      # cells of a distance tile reduced while in the cache (4 MB)
+_TILE_ELEMENTS = 1 << 22      # cells of a distance tile reduced while in the cache (16 MB)
 
 
 def re_ranking(q_g_dist, q_q_dist, g_g_dist, k1=20, k2=6, lambda_value=0.3, device=None):
@@ -460,16 +460,13 @@ def _re_rank_core(Q, N, rows, pairs, k1, k2, lambda_value, device, block_rows=No
         # holding it and their values.
         with _stage('inverted index', device):
             gstart = int(indptr[Q])
-            g_rows = torch.repeat_interleave(torch.arange(G, device=device),
-                                             indptr[Q + 1:] - indptr[Q:-1])
-            g_cols = cols[gstart:]
-            g_cols, o = g_cols.sort(stable=True)
-            col_rows, col_vals = g_rows.index_select(0, o), vals[gstart:].index_select(0, o)
-            del g_rows, o
+            o = torch.argsort(cols[gstart:], stable=True)     # gallery entries by column
+            col_vals = vals[gstart:].index_select(0, o)
+            col_rows = torch.searchsorted(indptr[Q + 1:] - gstart, o, right=True)   # row - Q
+            del o
+            col_len = torch.bincount(cols[gstart:], minlength=N)
             col_ptr = torch.zeros(N + 1, dtype=torch.int64, device=device)
-            col_ptr[1:] = torch.cumsum(torch.bincount(g_cols, minlength=N), 0)
-            del g_cols
-            col_len = col_ptr[1:] - col_ptr[:-1]
+            col_ptr[1:] = torch.cumsum(col_len, 0)
         # Jaccard distance of query rows to gallery rows, t = sum_k min(V[i, k], V[j, k]), over
         # the (query entry, gallery row) pairs that share a column, in blocks of queries. Pass 1
         # wrote lambda * T + (1 - lambda), the final distance where t = 0; the cells with t > 0

@@ -121,6 +121,16 @@ def test_features_entry_normalized_and_bad_name():
         re_ranking(mats[0], mats[2], mats[1])
 
 
+def test_sq_euclidean_factors():
+    # one matmul of the factors gives the squared distances (before the clamp at 0)
+    from aligned_reid.distance import sq_euclidean_factors
+    rng = np.random.default_rng(2)
+    x, y = rng.standard_normal((7, 5)), rng.standard_normal((9, 5))
+    a, b = sq_euclidean_factors(torch.from_numpy(x), torch.from_numpy(y))
+    want = ((x[:, None] - y[None]) ** 2).sum(-1)
+    np.testing.assert_allclose((a @ b.T).numpy(), want, rtol=1e-12, atol=1e-12)
+
+
 @pytest.mark.parametrize("chunk", [None, 8, 3])
 @pytest.mark.parametrize("n,K", [(500, 21), (333, 7), (1000, 11), (155, 5), (97, 3)])
 def test_nearest_selection_is_a_stable_sort(n, K, chunk, monkeypatch):
