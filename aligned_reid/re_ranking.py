@@ -4,7 +4,6 @@ blocks reduced tile by tile to row maxima and top-k neighbours, sparse V, Jaccar
 inverted index over the (query, gallery) pairs that share a column."""
 
 import contextlib
-import resource
 import time
 
 import numpy as np
@@ -185,6 +184,7 @@ def _stage(name, device):
     if STAGES is None:
         yield
         return
+    import resource                     # POSIX only, and only where STAGES is asked for
     if device.type == 'cuda':
         torch.cuda.synchronize(device)
     r0, t0 = resource.getrusage(resource.RUSAGE_SELF), time.perf_counter()

@@ -196,7 +196,8 @@ def _child(conn, job, paths, out_path, threads):
     r1 = resource.getrusage(resource.RUSAGE_SELF)
     peak = _status_kb('VmHWM') - base
     usage = {'user': r1.ru_utime - r0.ru_utime, 'sys': r1.ru_stime - r0.ru_stime,
-             'minflt': r1.ru_minflt - r0.ru_minflt, 'stages': rr.STAGES}
+             'minflt': r1.ru_minflt - r0.ru_minflt, 'stages': rr.STAGES,
+             'load': os.getloadavg()[0]}
     if out_path is None:
         info = {'shape': out.shape, 'dtype': out.dtype.str, 'nbytes': out.nbytes,
                 'sample': out[::SAMPLE_ROWS].copy()}
@@ -232,7 +233,8 @@ LAST_USAGE = {}
 
 def usage_str():
     u = LAST_USAGE
-    return f"(user {u['user']:.1f} s, sys {u['sys']:.2f} s, {u['minflt'] / 1e3:.0f}k page faults)"
+    return (f"(user {u['user']:.1f} s, sys {u['sys']:.2f} s, {u['minflt'] / 1e3:.0f}k page faults; "
+            f"1-min load {u['load']:.1f} at the end)")
 
 
 def print_stages(indent='    '):
@@ -411,8 +413,9 @@ def build_parser():
 
 def main(args):
     sys.stdout.reconfigure(line_buffering=True)
-    print(f"torch threads {torch.get_num_threads()}, cpus {os.cpu_count()} "
-          f"(shared machine: timings vary with the load)")
+    print(f"torch threads {torch.get_num_threads()}, cpus {os.cpu_count()}, 1-min load "
+          f"{os.getloadavg()[0]:.1f} (timings vary with the load: with more runnable threads "
+          f"than cores every parallel region can wait for a descheduled thread)")
     with tempfile.TemporaryDirectory() as tmp:
         if args.msmt17:
             bench_msmt17(args.dim, tmp, args.threads)
