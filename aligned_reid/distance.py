@@ -242,20 +242,45 @@ def _check_distance(distance, metric):
 _CANCELLATION = 2. ** -18
 
 
-def _exact_near(d2, x, y, xx, yy):
-    """d2 [B, N] squared distances in the expanded form of x [B, C] and y [N, C] (xx [B], yy [N] their
-    squared norms), with the entries that lie within its rounding error, d2 <= _CANCELLATION (xx + yy)
-    (near-duplicates, where it is wrong by more than the distance itself), recomputed as |x - y|^2:
-    identical features get exactly 0. Such entries are rare: a comparison over the block against a
-    per-row bound finds the candidates, and only they are looked at again."""
-    if not len(yy):
+def exact_near(d2, xx, yy, pair_sq, mins=None, width=0):
+    """d2 [B, N] squared distances in the expanded form (xx [B], yy [N]: the squared norms of the
+    features of its rows and columns), with the entries that lie within its rounding error,
+    d2 <= _CANCELLATION (xx + yy) (near-duplicates, where it is wrong by more than the distance
+    itself), recomputed as pair_sq(i, j) = |x_i - y_j|^2 (i, j: int64 [P] rows and columns of d2):
+    identical features get exactly 0. Such entries are rare: a comparison against a per-row bound
+    finds the candidates, and only they are looked at again.
+    mins [B, c] (optional): the minima of d2's first c chunks of `width` columns, for a caller
+    that has them anyway; then only the chunks whose minimum lies under the bound and the columns
+    after the chunks are looked at, and the minima of the chunks changed are brought up to date."""
+    if not len(yy) or not len(xx):
         return d2
-    bound = (xx + yy.max()).mul_(_CANCELLATION)[:, None]        # [B, 1]: no [B, N] temporary
-    i, j = (d2 <= bound).nonzero(as_tuple=True)
+    bound = (xx + yy.max()).mul_(_CANCELLATION)                 # [B]: no [B, N] temporary
+    head = 0 if mins is None else mins.shape[1] * width         # columns covered by mins
+    i, j = (d2[:, head:] <= bound[:, None]).nonzero(as_tuple=True)
+    j = j + head
+    if head:
+        r, k = (mins <= bound[:, None]).nonzero(as_tuple=True)
+        rows = r.repeat_interleave(width)
+        cols = (k[:, None] * width + torch.arange(width, device=d2.device)).view(-1)
+        hit = d2[rows, cols] <= bound.index_select(0, rows)
+        i, j = torch.cat([rows[hit], i]), torch.cat([cols[hit], j])
     near = d2[i, j] <= _CANCELLATION * (xx[i] + yy[j])
     i, j = i[near], j[near]
     if len(i):
-        d2[i, j] = (x[i] - y[j]).pow(2).sum(1)
+        d2[i, j] = pair_sq(i, j).to(d2.dtype)
+        if head:
+            in_chunk = j < head
+            r, k = i[in_chunk], torch.div(j[in_chunk], width, rounding_mode='floor')
+            mins[r, k] = d2[:, :head].view(len(d2), -1, width)[r, k].amin(1)
+    return d2
+
+
+def exact_near_pairs(d2, sq, pair_sq):
+    """The same for P explicit pairs: d2 [P] in the expanded form, sq [P] = |x|^2 + |y|^2 of each
+    pair; the entries within the rounding error are recomputed as pair_sq(p) (p: int64 [M])."""
+    near = (d2 <= _CANCELLATION * sq).nonzero().flatten()
+    if len(near):
+        d2[near] = pair_sq(near).to(d2.dtype)
     return d2
 
 
@@ -280,7 +305,8 @@ def _global_block(x, y, normalize, metric, out=None):
     # in place: fresh [B, N] temporaries for every block of a large matrix cost page faults
     xx, yy = (x * x).sum(1), (y * y).sum(1)
     d2.mul_(-2.).add_(xx[:, None]).add_(yy[None])
-    return _exact_near(d2, x, y, xx, yy).clamp_min_(0.).sqrt_()
+    exact_near(d2, xx, yy, lambda i, j: (x[i] - y[j]).pow(2).sum(1))
+    return d2.clamp_min_(0.).sqrt_()
 
 
 def compute_dist(q_feats, g_feats, distance='global', normalize=False, metric='euclidean',
@@ -331,8 +357,7 @@ def pair_dist(x_feats, y_feats, distance='global', normalize=False, metric='eucl
         else:
             xx, yy = (x * x).sum(1), (y * y).sum(1)
             d2 = xx + yy - 2. * (x * y).sum(1)
-            near = d2 <= _CANCELLATION * (xx + yy)                 # as in _global_block
-            d2[near] = (x[near] - y[near]).pow(2).sum(1)
+            exact_near_pairs(d2, xx + yy, lambda p: (x[p] - y[p]).pow(2).sum(1))
             out = d2.clamp_min(0.).sqrt()
     if distance in ('local', 'global_local'):
         x = _as_tensor(_get(x_feats, 'local', distance))

@@ -9,7 +9,7 @@ import time
 import numpy as np
 import torch
 
-from .distance import dist_block, pair_dist, sq_euclidean_factors
+from .distance import dist_block, exact_near, exact_near_pairs, pair_dist, sq_euclidean_factors
 from .distance import normalize as normalize_rows
 
 # Sizes of the temporaries on the CPU. Those made again for every block are kept under glibc's
@@ -17,11 +17,11 @@ from .distance import normalize as normalize_rows
 # being unmapped and faulted in again: such page faults were most of the old code's system
 # time. The distance row block is one buffer for the whole pass, as large as the matmul needs
 # to run near its full rate (it packs the [N, C] operand once per block).
-_ROW_BLOCK_ELEMENTS = 1 << 24  # cells of the [B, Q + G] distance row block (64 MB of float32)
+_ROW_BLOCK_ELEMENTS = 1 << 25  # cells of the [B, Q + G] distance row block (128 MB of float32)
 _BLOCK_ELEMENTS = 1 << 22     # cells of a [B, G] block of the Jaccard sums (16 MB)
 _PAIR_BUDGET = 1 << 19        # (entry, row) pairs expanded at once in the sparse steps
 _CHUNK_COLUMNS = 64           # columns per chunk of the top-k search (see _nearest)
-_TILE_ELEMENTS = 1 << 22      # cells of a distance tile reduced while in the cache (16 MB)
+_TILE_ELEMENTS = 1 << 23      # cells of a distance tile, reduced while it is in a large L3 (32 MB)
 
 
 def re_ranking(q_g_dist, q_q_dist, g_g_dist, k1=20, k2=6, lambda_value=0.3, device=None):
@@ -59,9 +59,10 @@ def re_ranking(q_g_dist, q_q_dist, g_g_dist, k1=20, k2=6, lambda_value=0.3, devi
         else:
             out.copy_(src * src)
 
-    def rows(s, e, out, tile):
-        """Rows s:e of T's numerator, i.e. columns s:e of D squared, into out [B, N], in one
-        piece: the transposes want whole blocks."""
+    def rows(s, e, block):
+        """Rows s:e of T's numerator, i.e. columns s:e of D squared, into the block, in one
+        piece (the core is asked for whole rows: the transposes want whole blocks)."""
+        out = block.rows()
         if s < Q:                                              # query columns of D
             a, b = s, min(e, Q)
             sq_into(q_g[a:b], out[:b - a, Q:])                 # D[Q:, j] = q_g[j, :]
@@ -74,7 +75,7 @@ def re_ranking(q_g_dist, q_q_dist, g_g_dist, k1=20, k2=6, lambda_value=0.3, devi
             sq_into(q_g[:, a:b], cols[:Q])
             sq_into(g_g[:, a:b], cols[Q:])
             out[e - s - (b - a):e - s].copy_(cols.t())        # a cache-blocked transpose
-        yield 0, N
+        yield 0, N, out
 
     def pairs(i, j):
         """T numerators at (i, j): D[j, i] squared -> float32 [P]."""
@@ -86,7 +87,7 @@ def re_ranking(q_g_dist, q_q_dist, g_g_dist, k1=20, k2=6, lambda_value=0.3, devi
                         torch.where(cq, q_g[cc, rg], g_g[rg, cg]))
         return (v * v).float()
 
-    return _re_rank_core(Q, N, rows, pairs, k1, k2, lambda_value, dev)
+    return _re_rank_core(Q, N, rows, pairs, k1, k2, lambda_value, dev, whole_rows=True)
 
 
 def re_ranking_features(q_feats, g_feats, distance='global', k1=20, k2=6, lambda_value=0.3,
@@ -131,12 +132,11 @@ def re_ranking_features(q_feats, g_feats, distance='global', k1=20, k2=6, lambda
     held = {'feats': allf}
     if distance == 'global' and metric == 'euclidean':
         held = {'factors': sq_euclidean_factors(allf['global'], allf['global'])}  # [N, C + 2] x 2
+        held['norms'] = held['factors'][0][:, -2].contiguous()                    # |x|^2 [N]
     del allf
 
-    def rows(s, e, out, tile):
-        for c0 in range(0, N, tile):
-            c1 = min(N, c0 + tile)
-            part = out[:, c0:c1]
+    def rows(s, e, block):
+        for c0, c1, part in block.tiles():
             if 'factors' in held:
                 left, right = held['factors']
                 torch.matmul(left[s:e], right[c0:c1].t(), out=part)   # d^2 before the clamp
@@ -147,16 +147,29 @@ def re_ranking_features(q_feats, g_feats, distance='global', k1=20, k2=6, lambda
                 if d.data_ptr() != part.data_ptr():   # the local distance has its own buffers
                     part.copy_(d)
                 part.mul_(part)
-            yield c0, c1
+            yield c0, c1, part
+
+    def near(s, e, c0, c1, part, mins, width):
+        # the entries of near-duplicates again as |x - y|^2, as compute_dist has them
+        left, right = held['factors']
+        C = left.shape[1] - 2
+        x, y = left[s:e, :C], right[c0:c1, :C]                   # y = -2 * features
+        exact_near(part, held['norms'][s:e], held['norms'][c0:c1],
+                   lambda i, j: x[i].add(y[j], alpha=.5).pow_(2).sum(1), mins, width)
 
     def pairs(i, j):
         out = torch.empty(len(i), dtype=torch.float32, device=dev)
         if 'factors' in held:
             left, right = held['factors']
+            C = left.shape[1] - 2
             step = max(1, _PAIR_BUDGET * 2 // left.shape[1])  # gathered rows: 4 MB a side
             for s in range(0, len(i), step):
-                a = left.index_select(0, j[s:s + step])
-                out[s:s + step] = a.mul_(right.index_select(0, i[s:s + step])).sum(1)
+                ii, jj = i[s:s + step], j[s:s + step]
+                a = left.index_select(0, jj)
+                sq = a[:, C] + left[:, C].index_select(0, ii)     # |x|^2 + |y|^2
+                d2 = out[s:s + step]
+                torch.sum(a.mul_(right.index_select(0, ii)), 1, out=d2)
+                exact_near_pairs(d2, sq, lambda p: (left[jj[p], :C] - left[ii[p], :C]).pow_(2).sum(1))
             out.clamp_min_(0.)
         else:
             feats = held['feats']
@@ -169,7 +182,8 @@ def re_ranking_features(q_feats, g_feats, distance='global', k1=20, k2=6, lambda
         held.clear()
         return out
 
-    return _re_rank_core(Q, N, rows, pairs, k1, k2, lambda_value, dev, block_rows)
+    return _re_rank_core(Q, N, rows, pairs, k1, k2, lambda_value, dev, block_rows,
+                         near=near if 'factors' in held else None)
 
 
 # ----------------------------------------------------------------------------- the core
@@ -238,10 +252,52 @@ def _pair_budget(device):
     return _PAIR_BUDGET * 16 if device.type == 'cuda' else _PAIR_BUDGET
 
 
-def _nearest(d2, mins, m, K):
+class _RowBlock:
+    """B rows of the [N, N] distances held tile after tile in one flat buffer: tile t, the
+    columns [t T, min(N, (t + 1) T)) of every row, is one contiguous [B, width] piece, which a
+    matmul writes in one sweep and the reductions read in order (written through a column
+    slice of a row-major [B, N] block, rows N floats apart, the matmul ran a third slower at
+    MSMT17 size). T >= N: the row-major [B, N] block itself."""
+
+    def __init__(self, flat, B, N, T):
+        self.flat, self.B, self.N, self.T = flat[:B * N], B, N, min(T, N)
+
+    def tile(self, c0):
+        """The tile starting at column c0 (a multiple of T) -> (c1, view [B, c1 - c0])."""
+        c1 = min(self.N, c0 + self.T)
+        return c1, self.flat[self.B * c0:self.B * c1].view(self.B, c1 - c0)
+
+    def tiles(self):
+        for c0 in range(0, self.N, self.T):
+            c1, part = self.tile(c0)
+            yield c0, c1, part
+
+    def rows(self, idx=None):
+        """Whole rows (idx: int64 [R]; None: all) -> [R, N]; a view when T >= N."""
+        parts = [p if idx is None else p.index_select(0, idx) for _, _, p in self.tiles()]
+        return parts[0] if len(parts) == 1 else torch.cat(parts, 1)
+
+    def columns_from(self, c):
+        """Columns c: of every row, when they lie in the last tile -> view [B, N - c]."""
+        c0 = (self.N - 1) // self.T * self.T
+        assert c >= c0
+        return self.tile(c0)[1][:, c - c0:]
+
+    def chunks(self, pick, width):
+        """Column chunks of `width` (T a multiple of it): pick [B, k] chunk indices -> their
+        values [B, k, width]."""
+        start = pick * width                                  # first column of each chunk
+        c0 = torch.div(start, self.T, rounding_mode='floor') * self.T    # its tile
+        wide = (c0 + self.T).clamp_(max=self.N) - c0
+        rows = torch.arange(self.B, device=pick.device)[:, None]
+        at = c0 * self.B + rows * wide + (start - c0)           # the chunk's first cell
+        return self.flat[at[:, :, None] + torch.arange(width, device=pick.device)]
+
+
+def _nearest(block, mins, m, K):
     """Indices of the K smallest entries of each row of T = max(d2, 0) / m (d2 [B, N] float32,
-    m [B] > 0), ascending, ties in T by lower index (the order a stable argsort of T gives)
-    -> int64 [B, K], on d2's device.
+    the rows of a _RowBlock, m [B] > 0), ascending, ties in T by lower index (the order a stable
+    argsort of T gives) -> int64 [B, K], on d2's device.
 
     The clamp and the division by m keep the order of d2 but may merge neighbours into ties,
     so the K + 1 smallest d2 are taken (any order among equal d2), put in (T, index) order,
@@ -251,17 +307,16 @@ def _nearest(d2, mins, m, K):
     columns, d2[:, :C * _CHUNK_COLUMNS].view(B, C, -1).amin(2). The K + 1 smallest d2 of a
     row lie in its K + 1 chunks of smallest minima and the columns after the last chunk (a
     chunk left out has a minimum no smaller than theirs), so only those are searched."""
-    B, n = d2.shape
+    B, n = block.B, block.N
     kc = min(n, K + 1)
     if mins is None:
-        v, idx = torch.topk(d2, kc, dim=1, largest=False, sorted=False)
+        v, idx = torch.topk(block.rows(), kc, dim=1, largest=False, sorted=False)
     else:
         width, C = _CHUNK_COLUMNS, mins.shape[1]
-        chunks = d2[:, :C * width].view(B, C, width)
         pick = torch.topk(mins, kc, dim=1, largest=False, sorted=False)[1]            # [B, kc]
-        cand = chunks.gather(1, pick[:, :, None].expand(B, kc, width)).view(B, -1)
+        cand = block.chunks(pick, width).view(B, -1)
         if n > C * width:                                      # the columns after the chunks
-            cand = torch.cat([cand, d2[:, C * width:]], 1)
+            cand = torch.cat([cand, block.columns_from(C * width)], 1)
         v, o = torch.topk(cand, kc, dim=1, largest=False, sorted=False)
         in_chunk = pick.gather(1, torch.div(o, width, rounding_mode='floor').clamp_(max=kc - 1))
         idx = torch.where(o < kc * width, in_chunk * width + o % width,
@@ -273,7 +328,8 @@ def _nearest(d2, mins, m, K):
     if kc == K + 1:
         tied = torch.nonzero(t[:, K] == t[:, K - 1]).flatten()
         if len(tied):
-            full = torch.sort(d2[tied].clamp_min_(0.).div_(m[tied, None]), dim=1, stable=True)[1]
+            full = block.rows(tied).clamp_min_(0.).div_(m[tied, None])
+            full = torch.sort(full, dim=1, stable=True)[1]
             idx[tied] = full[:, :kc]
     return idx[:, :K]
 
@@ -373,14 +429,19 @@ def _query_expansion(indptr, cols, vals, nearest, kk, N, device, budget):
     return indptr, torch.cat(out_cols), torch.cat(out_vals)
 
 
-def _re_rank_core(Q, N, rows, pairs, k1, k2, lambda_value, device, block_rows=None):
-    """Shared implementation. rows(s, e, out, tile): a generator that writes rows s:e of the
-    squared distances whose row max normalises T into out [e - s, N] (float32 on `device`;
-    negative values, the rounding of a distance 0, stand for 0), column tiles [c0, c1) of
-    `tile` columns or the whole row at once, and yields (c0, c1) after each, so that the tile
-    is reduced while it is in the cache. pairs(i, j) -> float32 [P]: the same values at
+def _re_rank_core(Q, N, rows, pairs, k1, k2, lambda_value, device, block_rows=None,
+                  near=None, whole_rows=False):
+    """Shared implementation. rows(s, e, block): a generator that writes rows s:e of the
+    squared distances whose row max normalises T into the _RowBlock block (float32 on
+    `device`; negative values, the rounding of a distance 0, stand for 0), tile by tile (or
+    the whole rows at once, block.rows(), when whole_rows), and yields (c0, c1, part) after
+    each, part the [e - s, c1 - c0] view written, so that the tile is reduced while it is in
+    the cache. pairs(i, j) -> float32 [P]: the same values at
     explicit (row, column) pairs (int64 tensors on `device`), called once, after the last
-    rows. Returns the final distance np.float32 [Q, N - Q]."""
+    rows. near(s, e, c0, c1, part, mins, width) (optional): called on each tile part after the
+    minima mins [e - s, c] of its first c chunks of `width` columns (None: no whole chunk) are
+    taken, to correct entries of the tile and those minima before anything else reads them.
+    Returns the final distance np.float32 [Q, N - Q]."""
     if k1 < 1 or k2 < 1:
         raise ValueError(f"re_ranking: k1 and k2 must be >= 1, got k1={k1}, k2={k2}")
     if not 0. <= lambda_value <= 1.:
@@ -391,7 +452,8 @@ def _re_rank_core(Q, N, rows, pairs, k1, k2, lambda_value, device, block_rows=No
     block = block_rows or max(1, _block_elements(device, _ROW_BLOCK_ELEMENTS) // max(1, N))
     W = _CHUNK_COLUMNS
     C = N // W if N // W > 2 * min(N, K + 1) else 0            # chunks of the top-k search
-    tile = N if device.type == 'cuda' else max(W, _TILE_ELEMENTS // min(block, N) // W * W)
+    tile = N if device.type == 'cuda' or whole_rows or not C else \
+        max(W, _TILE_ELEMENTS // min(block, N) // W * W)
     with torch.no_grad():
         rowmax = torch.empty(N, dtype=torch.float32, device=device)
         nearest = torch.empty((N, K), dtype=torch.int64, device=device)   # initial_rank[:, :K]
@@ -399,27 +461,28 @@ def _re_rank_core(Q, N, rows, pairs, k1, k2, lambda_value, device, block_rows=No
         # Pass 1: rows of T's numerator -> max, nearest neighbours, and the final distance
         # where no Jaccard term adds to it, lambda * T + (1 - lambda) (query rows, gallery
         # columns).
-        buf = torch.empty((min(block, N), N), dtype=torch.float32, device=device)
+        buf = torch.empty(min(block, N) * N, dtype=torch.float32, device=device)
         mins = torch.empty((min(block, N), C), dtype=torch.float32, device=device)
         rest = torch.full((), 1. - lambda_value, dtype=torch.float32, device=device)
         for s in range(0, N, block):
             e = min(N, s + block)
-            d2, bq = buf[:e - s], max(0, min(e, Q) - s)        # bq: query rows in the block
-            pieces, m = rows(s, e, d2, tile), None
+            d2, bq = _RowBlock(buf, e - s, N, tile), max(0, min(e, Q) - s)   # bq: query rows
+            pieces, m = rows(s, e, d2), None
             while True:
                 with _stage('distances', device):
                     piece = next(pieces, None)
                 if piece is None:
                     break
                 with _stage('max, top-k', device):
-                    c0, c1 = piece
-                    part = d2[:, c0:c1]
-                    pm = part.amax(1)                          # NaN propagates
-                    m = pm if m is None else torch.maximum(m, pm, out=m)
+                    c0, c1, part = piece
                     a, b = c0 // W, min(C, c1 // W)            # whole chunks in the piece
                     if b > a:
                         torch.amin(part[:, :(b - a) * W].view(e - s, b - a, W), 2,
                                    out=mins[:e - s, a:b])
+                    if near is not None:
+                        near(s, e, c0, c1, part, mins[:e - s, a:b] if b > a else None, W)
+                    pm = part.amax(1)                          # NaN propagates
+                    m = pm if m is None else torch.maximum(m, pm, out=m)
                     if bq and c1 > Q:                          # query rows, gallery columns
                         g0 = max(c0, Q)
                         torch.clamp_min(part[:bq, g0 - c0:], 0.,

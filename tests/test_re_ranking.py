@@ -150,11 +150,17 @@ def test_nearest_selection_is_a_stable_sort(n, K, chunk, monkeypatch):
     m = np.maximum(d2.max(1), 0.1) * np.float32(3.3)
     want = np.argsort(np.maximum(d2, 0) / m[:, None], axis=1, kind='stable')[:, :K]
     mins = None
+    tiles = [n]
     if chunk is not None:
         C = n // chunk
         mins = torch.from_numpy(d2[:, :C * chunk].reshape(len(d2), C, chunk).min(2))
-    got = rr._nearest(torch.from_numpy(d2), mins, torch.from_numpy(m), K).numpy()
-    np.testing.assert_array_equal(got, want)
+        tiles += [chunk, 5 * chunk]
+    for tile in tiles:                  # the row block stored in tiles of `tile` columns
+        flat = torch.cat([torch.from_numpy(d2[:, c:c + tile]).reshape(-1) for c in range(0, n, tile)])
+        block = rr._RowBlock(flat, len(d2), n, tile)
+        np.testing.assert_array_equal(block.rows().numpy(), d2)
+        got = rr._nearest(block, mins, torch.from_numpy(m), K).numpy()
+        np.testing.assert_array_equal(got, want)
 
 
 def test_duplicate_images_ties():
@@ -167,6 +173,54 @@ def test_duplicate_images_ties():
     for k1, k2 in ((6, 3), (3, 2)):
         np.testing.assert_allclose(re_ranking(*mats, k1=k1, k2=k2),
                                    dense_reference(*mats, k1, k2, 0.3), rtol=0, atol=1e-5)
+
+
+@pytest.mark.parametrize("small", [False, True])
+def test_features_entry_exact_duplicates(small, monkeypatch):
+    # Identical features of a realistic norm (about 34) are exactly 0 apart in compute_dist and
+    # near-duplicates their true tiny distance; the features entry's tiles must say so too (the
+    # expanded form is off by up to 5e-4 in d^2 there, which reordered the neighbours: 0.7 off).
+    # Each of 6 features is repeated more than k1 + 1 times, so that order decides the sets.
+    import aligned_reid.re_ranking as rr
+    if small:                     # chunked top-k search, several tiles, columns after the chunks
+        monkeypatch.setattr(rr, '_CHUNK_COLUMNS', 4)
+        monkeypatch.setattr(rr, '_TILE_ELEMENTS', 17 * 40)
+    g = torch.Generator().manual_seed(1)
+    base = torch.rand(6, 256, generator=g) * 3.7                # post-ReLU-like, norm ~ 34
+    ids = torch.randint(0, 6, (303,), generator=g)
+    f = base[ids]
+    f[::3] += 1e-5 * torch.rand(len(f[::3]), 256, generator=g)   # near-duplicates, d^2 ~ 1e-8
+    q, gal = f[:40].numpy(), f[40:].numpy()
+    mats = [compute_dist(a, b) for a, b in ((q, gal), (q, q), (gal, gal))]
+    for k2 in (1, 6):
+        np.testing.assert_allclose(re_ranking_features(q, gal, k1=20, k2=k2, block_rows=17),
+                                   re_ranking(*mats, k1=20, k2=k2), rtol=0, atol=1e-5)
+
+
+def test_exact_near_with_chunk_minima():
+    # the chunk-minima shortcut finds the same entries as the full comparison, and the minima of
+    # the chunks it changed are the minima again
+    from aligned_reid.distance import exact_near, sq_euclidean_factors
+    g = torch.Generator().manual_seed(3)
+    x = torch.rand(9, 64, generator=g) * 4.
+    y = torch.cat([x[[0, 0, 3, 5]], torch.rand(30, 64, generator=g) * 4., x[[8, 8, 1]]])
+    a, b = sq_euclidean_factors(x, y)
+    d2 = a @ b.T                                                # [9, 37]: 32 in chunks, 5 after
+    xx, yy = a[:, -2], b[:, -1]
+
+    def pair_sq(i, j):
+        return (x[i] - y[j]).pow(2).sum(1)
+
+    full = exact_near(d2.clone(), xx, yy, pair_sq)
+    want = torch.cdist(x.double(), y.double()).pow(2)
+    assert (full[[0, 0, 3, 5, 8, 8, 1], [0, 1, 2, 3, 34, 35, 36]] == 0).all()
+    np.testing.assert_allclose(full.numpy(), want.numpy(), rtol=1e-4, atol=1e-3)
+    for width in (4, 8, 32):
+        c = 32 // width
+        mins = d2[:, :c * width].view(9, c, width).amin(2)
+        got = exact_near(d2.clone(), xx, yy, pair_sq, mins, width)
+        assert torch.equal(got, full)
+        assert torch.equal(mins, got[:, :c * width].view(9, c, width).amin(2))
 
 
 def test_tight_clusters_full_size_sets():
