@@ -17,7 +17,7 @@ from .distance import normalize as normalize_rows
 # being unmapped and faulted in again: such page faults were most of the old code's system
 # time. The distance row block is one buffer for the whole pass, as large as the matmul needs
 # to run near its full rate (it packs the [N, C] operand once per block).
-_ROW_BLOCK_ELEMENTS = 1 << 25  # cells of the [B, Q + G] distance row block (128 MB of float32)
+_ROW_BLOCK_ELEMENTS = 3 << 23  # cells of the [B, Q + G] distance row block (96 MB of float32)
 _BLOCK_ELEMENTS = 1 << 22     # cells of a [B, G] block of the Jaccard sums (16 MB)
 _PAIR_BUDGET = 1 << 19        # (entry, row) pairs expanded at once in the sparse steps
 _CHUNK_COLUMNS = 64           # columns per chunk of the top-k search (see _nearest)
