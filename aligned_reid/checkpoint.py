@@ -7,13 +7,13 @@ import argparse
 import json
 import os
 import random
-import re
 from collections import OrderedDict
 
 import numpy as np
 import torch
 
 from aligned_reid.data import IMAGENET_MEAN, IMAGENET_STD
+from aligned_reid.files import atomic_write
 from aligned_reid.model import BACKBONES, Model
 from aligned_reid.safe_load import CheckpointError, load_file
 
@@ -40,28 +40,15 @@ def _os_error_in(exc):
     return None
 
 
-TEMP_SUFFIX = re.compile(r'\.tmp\.(\d+)$')  # save_checkpoint / write_json temporaries: <name>.tmp.<pid>
-
-
 def save_checkpoint(state, path):
-    """Writes `state` (any torch-serialisable object) to `path` atomically.
-
-    The bytes go to `<path>.tmp.<pid>` in the same folder, are fsync-ed, and then replace `path` with
-    os.replace, so a crash mid-write leaves the previous checkpoint intact (a kill -9 may leave the
-    temporary file: remove_stale_temp_files clears it at the next run). The file gets the user's umask
-    mode. A failed write (no space left, permission denied) raises CheckpointWriteError, one line naming
-    the path, the reason and whether the previous checkpoint survives.
-    """
+    """Writes `state` (any torch-serialisable object) to `path` atomically (files.atomic_write: a crash
+    mid-write leaves the previous checkpoint intact). A failed write (no space left, permission denied)
+    raises CheckpointWriteError, one line naming the path, the reason and whether the previous
+    checkpoint survives."""
     path = os.path.abspath(path)
-    folder = os.path.dirname(path)
-    tmp = '{}.tmp.{}'.format(path, os.getpid())
     try:
-        os.makedirs(folder, exist_ok=True)
-        with open(tmp, 'wb') as f:
+        with atomic_write(path) as f:
             torch.save(state, f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
     except (OSError, RuntimeError) as e:
         cause = _os_error_in(e)
         if cause is None:
@@ -70,68 +57,16 @@ def save_checkpoint(state, path):
                     else 'no earlier checkpoint existed')
         raise CheckpointWriteError(cause.errno, 'cannot write checkpoint {}: {}; {}'.format(
             path, cause.strerror or cause, previous)) from None
-    finally:
-        if os.path.exists(tmp):
-            try:
-                os.remove(tmp)
-            except OSError:
-                pass
-    try:  # make the rename itself durable
-        fd = os.open(folder, os.O_RDONLY)
-        try:
-            os.fsync(fd)
-        finally:
-            os.close(fd)
-    except OSError:
-        pass
-
-
-def _pid_alive(pid):
-    if pid == os.getpid():
-        return True
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except OSError:  # exists, owned by someone else
-        return True
-    return True
-
-
-def remove_stale_temp_files(folder):
-    """Removes the `<name>.tmp.<pid>` files that a killed save_checkpoint / write_json left in `folder`
-    (those whose process no longer runs). Returns [(path, size in bytes)] of the files removed."""
-    removed = []
-    try:
-        entries = list(os.scandir(folder))
-    except OSError:
-        return removed
-    for e in entries:
-        m = TEMP_SUFFIX.search(e.name)
-        if m is None or not e.is_file(follow_symlinks=False) or _pid_alive(int(m.group(1))):
-            continue
-        size = e.stat(follow_symlinks=False).st_size
-        try:
-            os.remove(e.path)
-        except OSError:
-            continue
-        removed.append((e.path, size))
-    return removed
 
 
 def write_json(obj, path):
-    """Writes `obj` as indented JSON, atomically (temporary file, then os.replace; the user's umask mode). A
-    failed write (a full disk) raises CheckpointWriteError naming `path`; a previous file there is intact."""
-    tmp = '{}.tmp.{}'.format(path, os.getpid())
+    """Writes `obj` as indented JSON, atomically (files.atomic_write). A failed write (a full disk)
+    raises CheckpointWriteError naming `path`; a previous file there is intact."""
     try:
-        with open(tmp, 'w') as f:
+        with atomic_write(path, 'w') as f:
             json.dump(obj, f, indent=2, sort_keys=True)
-        os.replace(tmp, path)
     except OSError as e:
         raise CheckpointWriteError(e.errno, 'cannot write {}: {}'.format(path, e.strerror or e)) from None
-    finally:
-        if os.path.exists(tmp):
-            os.remove(tmp)
 
 
 # ----------------------------------------------------------------------------- RNG states

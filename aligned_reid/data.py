@@ -5,7 +5,6 @@ import io
 import os
 import pickle
 import re
-import tempfile
 
 import numpy as np
 import torch
@@ -14,6 +13,7 @@ from torch.utils.data import DataLoader, Dataset
 from torchvision import transforms as T
 
 from .augment import IMAGENET_MEAN, IMAGENET_STD, training_set_bytes
+from .files import atomic_write
 
 # 2: image numbers k count train, gallery, query, multi-query images in that order (the older
 # reproduction's), so one raw download gives the same images/ names in both; 1 counted query before
@@ -175,32 +175,13 @@ def validate_partitions(obj, source=""):
         fail("format_version {!r} is newer than this code reads ({})".format(version, FORMAT_VERSION))
 
 
-def _umask_mode():
-    """0666 minus the process umask: the mode open() would give a new file."""
-    mask = os.umask(0)
-    os.umask(mask)
-    return 0o666 & ~mask
-
-
 def write_partitions(obj, path):
-    """Validate, then write atomically: a temporary file in the same folder, fsync, rename.
-    An interrupted write never leaves a partial file under `path`."""
+    """Validate, then write atomically (files.atomic_write): an interrupted write never leaves a
+    partial file under `path`."""
     path = os.fspath(path)
     validate_partitions(obj, source=path)
-    folder = os.path.dirname(os.path.abspath(path))
-    os.makedirs(folder, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=".partitions-", suffix=".tmp", dir=folder)
-    try:
-        os.fchmod(fd, _umask_mode())  # mkstemp makes 0600: a set prepared for a group stays readable
-        with os.fdopen(fd, "wb") as f:
-            pickle.dump(obj, f, protocol=4)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.remove(tmp)
-        raise
+    with atomic_write(path) as f:
+        pickle.dump(obj, f, protocol=4)
 
 
 def partitions_images_dir(partitions_path):

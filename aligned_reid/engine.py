@@ -16,7 +16,7 @@ import torch
 from torch.nn.parallel import DistributedDataParallel
 from tqdm import tqdm
 
-from aligned_reid import checkpoint, cli, data, distributed, evaluation
+from aligned_reid import checkpoint, cli, data, distributed, evaluation, files
 from aligned_reid.augment import Augment
 from aligned_reid.model import Model
 
@@ -122,7 +122,7 @@ def setup_run(args, script):
     distributed.barrier()
     logger = cli.setup_logging(os.path.join(args.exp_dir, 'train.log'), main_process=rank == 0)
     if rank == 0:
-        for path, size in checkpoint.remove_stale_temp_files(args.exp_dir):
+        for path, size in files.remove_stale_temp_files(args.exp_dir):
             logger.info('removed %s (%.1f MB): the temporary file of a save that was killed midway', path,
                         size / 2 ** 20)
         saved = checkpoint.run_arguments(args)

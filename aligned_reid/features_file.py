@@ -16,6 +16,8 @@ except ImportError:             # not on Windows: there two runs on one output a
 import h5py
 import numpy as np
 
+from aligned_reid.files import atomic_write, fsync_dir
+
 
 # ----------------------------------------------------------------------------- the features file
 
@@ -143,14 +145,6 @@ def read_features(path, local=False):
 def _free_bytes(folder):
     st = os.statvfs(folder)
     return st.f_bavail * st.f_frsize
-
-
-def _fsync_dir(folder):
-    fd = os.open(folder, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
 
 
 class _CheckedFile(io.RawIOBase):
@@ -324,19 +318,13 @@ class FeaturesWriter:
         return 'nothing was kept'
 
     def _atomic_write(self, name, write):
-        """Writes self.dir/name whole: a temporary file, flushed to disk, then renamed into place."""
-        tmp = os.path.join(self.dir, name + '.tmp')
+        """Writes self.dir/name whole (files.atomic_write)."""
+        path = os.path.join(self.dir, name)
         try:
-            with open(tmp, 'wb') as f:
+            with atomic_write(path) as f:
                 write(f)
-                f.flush()
-                os.fsync(f.fileno())
-            os.replace(tmp, os.path.join(self.dir, name))
-            _fsync_dir(self.dir)
         except OSError as e:
-            if os.path.exists(tmp):
-                os.remove(tmp)
-            e.filename = e.filename or tmp       # a failed flush names no file
+            e.filename = e.filename or path      # a failed flush names no file
             raise
 
     def commit(self, stop, paths, feats, skipped, errors):
@@ -405,7 +393,7 @@ class FeaturesWriter:
             raise FeaturesWriteError('{}: cannot write it ({}); {}'.format(
                 self.path, e.strerror or e, self._kept()))
         self._io(os.replace, tmp, self.path)
-        self._io(_fsync_dir, os.path.dirname(os.path.abspath(self.path)))
+        fsync_dir(os.path.dirname(os.path.abspath(self.path)))
         self.complete, self.rows, self.num_skipped = True, rows, skipped
         shutil.rmtree(self.dir, ignore_errors=True)
         return rows, skipped

@@ -8,6 +8,7 @@ import numpy as np
 import torch
 
 from aligned_reid import cli
+from aligned_reid.files import atomic_write
 from aligned_reid.inference import FeatureExtractor, resolve_checkpoint
 
 
@@ -95,21 +96,6 @@ def differences(model, onnx_model, images):
     return max(absolute), max(relative), got
 
 
-def write_file(path, blob):
-    """Writes bytes to `path` whole: a temporary file beside it, then a rename."""
-    tmp = path + '.tmp'
-    try:
-        with open(tmp, 'wb') as f:
-            f.write(blob)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.remove(tmp)
-        raise
-
-
 def main(args):
     logger = cli.setup_logging(None, name='aligned_reid.export')
     try:
@@ -134,7 +120,8 @@ def main(args):
         raise SystemExit('export_onnx.py: onnxruntime differs from PyTorch by {:.3g} of the feature scale '
                          '(largest difference {:.3g}) > --tolerance {:g}; {} not written'.format(
                              relative, absolute, args.tolerance, args.output))
-    write_file(args.output, blob)
+    with atomic_write(args.output) as f:                 # whole or not at all
+        f.write(blob)
     logger.info('wrote %s: input images [batch, 3, %d, %d] resized to that size and normalised with mean %s, '
                 'std %s (in the metadata: %s); outputs global, local', args.output, *size, metadata['mean'],
                 metadata['std'], ', '.join(metadata))

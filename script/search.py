@@ -11,6 +11,7 @@ import numpy as np
 from aligned_reid import distance as dist_lib
 from aligned_reid import cli, features_file, inference
 from aligned_reid.cli import boolean
+from aligned_reid.files import atomic_write
 
 MAX_RERANK_GALLERY = 30000    # re-ranking holds dense gallery x gallery matrices (3.6 GB at this size)
 
@@ -208,9 +209,7 @@ def rank(q_feats, g_feats, args, normalize):
 
 def write_results(path, q_paths, g_paths, index, dist):
     """CSV rows (query, rank, gallery, distance) or JSON [{query, results: [{rank, gallery, distance}]}]."""
-    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-    tmp = path + '.tmp'
-    with open(tmp, 'w', newline='', encoding='utf-8') as f:
+    with atomic_write(path, 'w', newline='', encoding='utf-8') as f:
         if path.lower().endswith('.csv'):
             w = csv.writer(f)
             w.writerow(['query', 'rank', 'gallery', 'distance'])
@@ -223,7 +222,6 @@ def write_results(path, q_paths, g_paths, index, dist):
                                                 for r, (gi, d) in enumerate(zip(index[qi], dist[qi]), start=1)
                                                 if gi >= 0]}
                        for qi, q in enumerate(q_paths)], f, indent=1)
-    os.replace(tmp, path)
 
 
 def draw(q_paths, g_paths, index, dist, n, vis_dir, size, distance=None):

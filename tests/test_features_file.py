@@ -116,7 +116,7 @@ def test_writer_and_reader_agree_on_hand_made_chunks(tmp_path):
     with pytest.raises(ValueError, match='unfinished'):
         features_file.read_features(path)
     unfinished = features_file.unfinished_dir(path)
-    (tmp_path / 'f.h5.unfinished' / '000000000005-000000000006.npz.tmp').write_bytes(b'half')   # a killed write
+    (tmp_path / 'f.h5.unfinished' / '000000000005-000000000006.npz.tmp.99999').write_bytes(b'half')   # a killed write
     (tmp_path / 'f.h5.unfinished' / '000000000006-000000000007.npz').write_bytes(b'past a gap')
     with features_file.FeaturesWriter(path, inputs, settings, dims) as w:
         assert w.position == 5 and not w.complete
@@ -317,7 +317,7 @@ def test_full_disk_stops_with_one_line_and_the_rerun_completes(world, small_fs, 
     lines = proc.stderr.strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith('extract.py: '), lines
     assert 'cannot write it (No space left on device)' in lines[0] and 'first 13 of 13 inputs are kept' in lines[0]
-    assert not out.exists() and not [n for n in os.listdir(features_file.unfinished_dir(out)) if n.endswith('.tmp')]
+    assert not out.exists() and not [n for n in os.listdir(features_file.unfinished_dir(out)) if '.tmp' in n]
     with pytest.raises(ValueError, match='unfinished'):
         features_file.read_features(out)
     filler.unlink()

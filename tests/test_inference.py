@@ -194,7 +194,7 @@ def test_interrupted_extraction_continues_to_the_same_file(world, tmp_path, caps
     out = capsys.readouterr().out
     assert 'rerun the same command to continue' in out
     # A run killed while writing a chunk leaves a temporary file: simulate one.
-    with open(os.path.join(unfinished, '000000000005-000000000007.npz.tmp'), 'wb') as f:
+    with open(os.path.join(unfinished, '000000000005-000000000007.npz.tmp.99999'), 'wb') as f:
         f.write(b'PK\x03\x04 half a chunk')
     _run(base + ['--output', str(part), '--max_images', '4'])
     assert 'continuing' in capsys.readouterr().out

@@ -15,7 +15,7 @@ import sys
 import pytest
 import torch
 
-from aligned_reid import checkpoint, cli, data
+from aligned_reid import checkpoint, cli, data, files
 from aligned_reid.data import read_partitions, write_partitions
 from conftest import REPO, TINY, load_script, parse_error, train_in_process
 
@@ -47,12 +47,12 @@ class _FullDisk(io.RawIOBase):
 
 
 def _disk_full_after(monkeypatch, room):
-    """aligned_reid.checkpoint's open() of checkpoint temporaries gets a disk with `room` bytes left."""
+    """aligned_reid.files's open() of atomic_write's temporaries gets a disk with `room` bytes left."""
     def fake_open(path, mode='r', *a, **kw):
         if '.tmp.' in str(path) and 'b' in mode:
             return _FullDisk(path, room)
         return open(path, mode, *a, **kw)
-    monkeypatch.setattr(checkpoint, 'open', fake_open, raising=False)
+    monkeypatch.setattr(files, 'open', fake_open, raising=False)
 
 
 # ----------------------------------------------------------------------------- library level
@@ -82,9 +82,9 @@ def test_stale_temporaries_are_removed_only_when_their_process_is_gone(tmp_path)
     live.write_bytes(b'y')
     other = tmp_path / 'notes.tmp.txt'
     other.write_bytes(b'z')
-    assert checkpoint.remove_stale_temp_files(str(tmp_path)) == [(str(stale), 1000)]
+    assert files.remove_stale_temp_files(str(tmp_path)) == [(str(stale), 1000)]
     assert sorted(os.listdir(tmp_path)) == sorted([live.name, other.name])
-    assert checkpoint.remove_stale_temp_files(str(tmp_path / 'missing')) == []
+    assert files.remove_stale_temp_files(str(tmp_path / 'missing')) == []
 
 
 @pytest.mark.parametrize('mask', [0o022, 0o002])
