@@ -548,7 +548,7 @@ def periodic_test(models, partitions, im_dir, args, run, best, epoch, writer, am
     split = 'val' if args.trainset_part == 'train' else 'test'
     if run.rank == 0:
         for i, model in enumerate(models):
-            _, results = evaluate_model(model, partitions, im_dir, split, args, run.device, amp=amp)
+            results, _ = evaluate_model(model, partitions, im_dir, split, args, run.device, amp=amp)
             r1, mAP = float(np.asarray(results['global']['cmc'])[0]), float(results['global']['mAP'])
             label = 'model {} '.format(i + 1) if len(models) > 1 else ''
             run.logger.info('%sepoch %d %s: Rank-1 %.2f%%  mAP %.2f%%', label, epoch, split, 100 * r1, 100 * mAP)
@@ -601,7 +601,9 @@ def fit(args, run, models, optimizers, scalers, loader, step_losses, progress, p
                     stats['first_batch_s'], '  '.join('{} {:.4f}'.format(k, v) for k, v in sorted(stats.items())
                                                       if k not in RUN_STATS))
         write_scalars(writer, stats, epoch, len(models))
-        if args.epochs_per_test and epoch % args.epochs_per_test == 0 and epoch < args.total_epochs:
+        # the last epoch's test split is the final test's: tested there, with every distance
+        repeated = epoch == args.total_epochs and args.final_test and args.trainset_part != 'train'
+        if args.epochs_per_test and epoch % args.epochs_per_test == 0 and not repeated:
             best = periodic_test(bare_models, partitions, im_dir, args, run, best, epoch, writer,
                                  amp=amp_dtype is not None)
         save(ckpt_path, models, optimizers, scalers, epoch, 0, best, args)

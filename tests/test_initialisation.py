@@ -8,22 +8,15 @@ import torch
 
 from aligned_reid import engine
 from aligned_reid.model import Model
-from aligned_reid.prepare import prepare_market_layout
-from aligned_reid.synthetic import render_market_tree
 from conftest import load_script
 
 train = load_script('script', 'train')
 train_ml = load_script('script', 'train_ml')
 
 
-@pytest.fixture(scope='module')
-def partitions(tmp_path_factory):
-    root = tmp_path_factory.mktemp('init')
-    render_market_tree(str(root / 'raw'), num_train_ids=6, num_test_ids=3, ims_per_id_cam=2, num_cams=2,
-                       im_size=(32, 16), seed=3)
-    prepare_market_layout(str(root / 'raw'), str(root / 'set'), dataset='market1501', num_val_ids=0,
-                          verbose=False)
-    return str(root / 'set' / 'partitions.pkl')
+@pytest.fixture
+def partitions(market_with_raw):
+    return market_with_raw['partitions']
 
 
 def initial_weights(script, partitions, exp_dir, *flags):

@@ -8,9 +8,7 @@ import torch
 
 from aligned_reid import engine
 from aligned_reid.loss import compute_losses, mutual_learning_losses
-from aligned_reid.prepare import prepare_market_layout
-from aligned_reid.synthetic import render_market_tree
-from conftest import load_script
+from conftest import load_script, parse_error
 
 train_ml = load_script('script', 'train_ml')
 
@@ -18,14 +16,9 @@ LOSSES = dict(global_margin=0.3, local_margin=0.3, global_loss_weight=1., local_
               normalize_feature=False, local_dist_own_hard_sample=False, label_smoothing=0., check_batch=False)
 
 
-@pytest.fixture(scope='module')
-def partitions(tmp_path_factory):
-    root = tmp_path_factory.mktemp('ml')
-    render_market_tree(str(root / 'raw'), num_train_ids=6, num_test_ids=3, ims_per_id_cam=2, num_cams=2,
-                       im_size=(32, 16), seed=5)
-    prepare_market_layout(str(root / 'raw'), str(root / 'set'), dataset='market1501', num_val_ids=0,
-                          verbose=False)
-    return str(root / 'set' / 'partitions.pkl')
+@pytest.fixture
+def partitions(market_with_raw):
+    return market_with_raw['partitions']
 
 
 def first_step(partitions, exp_dir, *flags):
@@ -70,16 +63,10 @@ def test_different_starts_by_default(partitions, tmp_path, one_torch_thread):
     assert all(r['global_dist_mutual_loss'].item() > 0 for r in results)
 
 
-def parse_error(argv, capsys):
-    with pytest.raises(SystemExit):
-        train_ml.parse_args(argv)
-    return capsys.readouterr().err.strip().splitlines()[-1]
-
-
 def test_local_mutual_loss_needs_own_hard_samples(partitions, tmp_path, capsys):
     base = ['--train_partitons', partitions, '--exp_dir', str(tmp_path / 'e'), '--device', 'cpu', '-llw', '1',
             '--ids_per_batch', '2']
-    line = parse_error(base + ['-ldmlw', '0.5'], capsys)
+    line = parse_error(train_ml, base + ['-ldmlw', '0.5'], capsys).strip()
     assert (' error: -ldmlw 0.5 needs --local_dist_own_hard_sample true, as in the older reproduction, '
             'which computes the local-distance mutual loss only then (0 otherwise); give '
             '--local_dist_own_hard_sample true, or -ldmlw 0; see ') in line

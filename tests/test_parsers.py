@@ -7,20 +7,13 @@ import os
 import pytest
 
 from aligned_reid import cli, data
-from conftest import REPO, load_script
+from conftest import REPO, load_script, parse_error
 
 train_script = load_script('script', 'train')
 test_script = load_script('script', 'test')
 # the programs (a helper module beside the benches, bench/re_ranking_numpy.py, has no parser)
 SCRIPT_FILES = sorted(p for folder in ('script', 'data_set', 'bench') for p in (REPO / folder).glob('*.py')
                       if "__name__ == '__main__'" in p.read_text())
-
-
-def _parse_error(module, argv, capsys):
-    with pytest.raises(SystemExit) as e:
-        module.parse_args(argv)
-    assert e.value.code == 2
-    return capsys.readouterr().err
 
 
 def _partitions(path, dataset=None):
@@ -50,7 +43,7 @@ def test_every_parser_is_built_by_the_shared_factory():
 def test_abbreviations_are_refused(argv, flag, capsys):
     """A prefix of a flag is not that flag: '--lr 1e-3' is not read as --lr_decay_type, '--base_l' not as
     --base_lr."""
-    err = _parse_error(train_script, argv, capsys)
+    err = parse_error(train_script, argv, capsys)
     assert 'error: unrecognized arguments: {} '.format(flag) in err, err
 
 
@@ -61,7 +54,7 @@ def test_abbreviations_are_refused(argv, flag, capsys):
 ])
 def test_a_usage_error_is_one_line(argv, message, capsys):
     """The refusal comes alone, first and last: '<script>: error: <message>; see <script> --help', no usage block."""
-    err = _parse_error(train_script, argv, capsys)
+    err = parse_error(train_script, argv, capsys)
     assert err.count('\n') == 1 and err.endswith(' --help\n') and 'usage:' not in err, err
     assert ': error: {}'.format(message) in err
 
@@ -80,14 +73,14 @@ def test_a_folder_given_as_partitions_file_is_named(tmp_path, capsys):
     _partitions(str(prepared / 'partitions.pkl'))
     empty = tmp_path / 'empty'
     empty.mkdir()
-    err = _parse_error(train_script, ['--train_partitons', str(prepared), '--exp_dir', str(tmp_path / 'x')], capsys)
+    err = parse_error(train_script, ['--train_partitons', str(prepared), '--exp_dir', str(tmp_path / 'x')], capsys)
     assert '--train_partitons: {} is a folder; the partitions file is the partitions.pkl in it: give {}'.format(
         prepared, prepared / 'partitions.pkl') in err and 'not found' not in err
-    err = _parse_error(train_script, ['--train_partitons', str(empty), '--exp_dir', str(tmp_path / 'x')], capsys)
+    err = parse_error(train_script, ['--train_partitons', str(empty), '--exp_dir', str(tmp_path / 'x')], capsys)
     assert '--train_partitons: {} is a folder without a partitions.pkl'.format(empty) in err
     weights = tmp_path / 'w.pth'
     weights.write_bytes(b'')
-    err = _parse_error(test_script, ['--model_weight_file', str(weights), '--test_partitons', str(prepared)], capsys)
+    err = parse_error(test_script, ['--model_weight_file', str(weights), '--test_partitons', str(prepared)], capsys)
     assert '--test_partitons: {} is a folder; the partitions file is the partitions.pkl in it'.format(prepared) in err
     with pytest.raises(FileNotFoundError, match='is a folder'):
         data.read_partitions(str(prepared))

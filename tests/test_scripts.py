@@ -375,3 +375,44 @@ def test_help_states_every_default():
         for action in module.build_parser()._actions:
             if action.dest != 'help':
                 assert 'Default:' in (action.help or ''), (module.__name__, action.dest)
+
+
+def test_epochs_per_test_tests_each_model_and_keeps_the_best(world, tmp_path, monkeypatch, one_torch_thread):
+    # --epochs_per_test through the shared epoch loop: each model is tested on the validation split (training on
+    # 'train') as it is at that epoch, each gets its own log line, and the best metric is model 1's best Rank-1.
+    from aligned_reid import engine
+    train_ml = load_script('script', 'train_ml')
+    tested = []
+    real = engine.evaluate_model
+
+    def recording(model, partitions, im_dir, split, *a, **kw):
+        results, table = real(model, partitions, im_dir, split, *a, **kw)
+        tested.append({'split': split, 'state': {k: v.clone() for k, v in model.state_dict().items()},
+                       'rank1': float(results['global']['cmc'][0]), 'mAP': float(results['global']['mAP'])})
+        return results, table
+    monkeypatch.setattr(engine, 'evaluate_model', recording)
+    exp = tmp_path / 'ml'
+    train_ml.main(train_ml.parse_args(['--train_partitons', world['market'], '--exp_dir', str(exp), '--total_epochs',
+                                       '2', '--trainset_part', 'train', '--epochs_per_test', '1', '--final_test',
+                                       'false', '-gdmlw', '1'] + TINY))
+    assert [t['split'] for t in tested] == ['val'] * 4                        # 2 epochs x 2 models
+    state = torch.load(str(exp / 'ckpt.pth'), map_location='cpu', weights_only=False)
+    for i in (0, 1):                                                           # the last test saw the saved models
+        assert all(torch.equal(tested[2 + i]['state'][k], v) for k, v in state['models'][i].items())
+    assert not all(torch.equal(tested[2]['state'][k], tested[3]['state'][k]) for k in tested[2]['state'])
+    log = open(exp / 'train.log').read()
+    for n, t in enumerate(tested):
+        line = 'model {} epoch {} val: Rank-1 {:.2f}%  mAP {:.2f}%'.format(n % 2 + 1, n // 2 + 1, 100 * t['rank1'],
+                                                                         100 * t['mAP'])
+        assert line in log, (line, log)
+    first = max((0, 2), key=lambda n: (tested[n]['rank1'], -n))                # the first epoch with the best
+    assert state['best_metric'] == {'rank1': tested[first]['rank1'], 'mAP': tested[first]['mAP'],
+                                    'epoch': first // 2 + 1, 'split': 'val'}
+    # Training on trainval the periodic test is on the test split: at the last epoch the final test stands for it.
+    tested.clear()
+    train = load_script('script', 'train')
+    train.main(train.parse_args(['--train_partitons', world['market'], '--exp_dir', str(tmp_path / 'one'),
+                                 '--total_epochs', '2', '--epochs_per_test', '1', '--to_re_rank', 'false'] + TINY))
+    assert [t['split'] for t in tested] == ['test', 'test']                   # epoch 1, then the final test
+    assert torch.load(str(tmp_path / 'one' / 'ckpt.pth'), map_location='cpu', weights_only=False)['best_metric'] == {
+        'rank1': tested[0]['rank1'], 'mAP': tested[0]['mAP'], 'epoch': 1, 'split': 'test'}
