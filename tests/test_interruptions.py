@@ -182,6 +182,12 @@ def test_interrupted_overwrite_keeps_the_previous_set(tmp_path, monkeypatch, cap
     assert 'holds Market-layout folders without rendered.json, the mark of a complete render' in e.value.code
 
 
+def _sigint_as_in_a_terminal():
+    """In the child before exec: Ctrl-C's default disposition, as a terminal's foreground job has it, even where
+    this runner was started in the background with SIGINT ignored (Python keeps an inherited SIG_IGN)."""
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
+
+
 @pytest.mark.parametrize('delay', [0.5, 0.0, 0.03, 0.06, 0.09])
 def test_ctrl_c_of_a_prepare_script_is_one_line(tmp_path, delay):
     """A real SIGINT to synthetic_prepare.py rendering with two worker processes: one line, exit 130, no
@@ -190,7 +196,8 @@ def test_ctrl_c_of_a_prepare_script_is_one_line(tmp_path, delay):
     save = tmp_path / 'syn'
     proc = subprocess.Popen([sys.executable, 'data_set/synthetic_prepare.py', '--save_dir', str(save), '--workers',
                              '2', '--num_train_ids', '100', '--num_test_ids', '100', '--im_size', '64', '32'],
-                            cwd=str(REPO), env=ENV, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+                            cwd=str(REPO), env=ENV, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            preexec_fn=_sigint_as_in_a_terminal)
     try:
         for line in proc.stdout:
             if 'rendering into' in line:
