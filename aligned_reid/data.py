@@ -14,6 +14,7 @@ from torchvision import transforms as T
 
 from .augment import IMAGENET_MEAN, IMAGENET_STD, training_set_bytes
 from .files import atomic_write
+from .signals import started
 
 # 2: image numbers k count train, gallery, query, multi-query images in that order (the older
 # reproduction's), so one raw download gives the same images/ names in both; 1 counted query before
@@ -347,7 +348,7 @@ def decode_images(paths, size, workers=2, pin_memory=False):
     out = torch.empty((len(paths), 3) + tuple(size), dtype=torch.uint8, pin_memory=pin_memory)
     loader = DataLoader(_DecodeSet(list(paths), tuple(size)), batch_size=64, num_workers=workers)
     n = 0
-    for batch in loader:
+    for batch in started(loader):
         out[n:n + len(batch)] = batch
         n += len(batch)
     return out

@@ -9,6 +9,7 @@ import torch
 from tqdm import tqdm
 
 from . import data
+from .signals import started
 # compute_dist / pair_dist live in aligned_reid.distance; they stay importable from here.
 from .distance import DISTANCES, METRICS, compute_dist, pair_dist  # noqa: F401
 
@@ -71,8 +72,8 @@ def extract_features(model, loader, device, flip=False, amp=False, progress=True
     model.eval()
     try:
         with torch.inference_mode():
-            for images, indices in tqdm(loader, desc='extract features', disable=not progress,
-                                        leave=False):
+            for images, indices in tqdm(started(loader), total=len(loader), desc='extract features',
+                                        disable=not progress, leave=False):
                 out = forward_features(model, images.to(device, non_blocking=True), flip, amp)
                 idx = np.asarray(indices, dtype=np.int64)
                 for key, f in out.items():

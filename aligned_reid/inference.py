@@ -17,6 +17,7 @@ from torch.utils.data import DataLoader, Dataset
 from . import data
 from .checkpoint import CKPT_NAME, load_model
 from .evaluation import forward_features
+from .signals import started
 
 
 def resolve_checkpoint(path):
@@ -154,7 +155,7 @@ class FeatureExtractor:
                             num_workers=workers, pin_memory=self.device.type == 'cuda',
                             worker_init_fn=functools.partial(die_with_parent, os.getpid()))
         dims = None
-        for images, indices, errors in loader:
+        for images, indices, errors in started(loader):
             good = [j for j, e in enumerate(errors) if not e]
             if good:
                 feats = {k: v.cpu().numpy() for k, v in self.embed(images[good], local=local).items()}

@@ -6,19 +6,18 @@ import os
 import random
 import re
 import shutil
-import signal
 import sys
 import threading
 import warnings
 import zipfile
 from collections import Counter, defaultdict
 from concurrent.futures import ThreadPoolExecutor
-from contextlib import contextmanager
 from typing import NamedTuple
 
 import numpy as np
 
 from aligned_reid.data import FORMAT_VERSION, make_im_name, parse_im_name, validate_partitions, write_partitions
+from aligned_reid.signals import signals_deferred
 
 IMAGE_EXTS = ('.jpg', '.jpeg', '.png', '.bmp')
 SPLITS = ('trainval', 'query', 'gallery', 'multi_query')
@@ -118,27 +117,6 @@ def check_save_dir(save_dir, overwrite=False, raw_paths=()):
         raise FileExistsError(f'{save_dir} already holds a prepared dataset ({", ".join(existing)}); '
                               'pass --overwrite (overwrite=True) to replace it')
     return save_dir
-
-
-@contextmanager
-def signals_deferred():
-    """Holds SIGINT / SIGTERM / SIGHUP back while a few renames must happen together: their handlers are
-    swapped for one that only records the signal, and a recorded signal is sent again, to the restored
-    handler, on leaving. (Python runs signal handlers in the main thread whichever thread the kernel
-    picks, so this holds where a thread's signal mask would not.) Main thread only; elsewhere a no-op."""
-    if threading.current_thread() is not threading.main_thread():
-        yield
-        return
-    caught = []
-    previous = {s: signal.signal(s, lambda signum, frame: caught.append(signum))
-                for s in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)}
-    try:
-        yield
-    finally:
-        for s, handler in previous.items():
-            signal.signal(s, handler)
-        for s in caught:
-            os.kill(os.getpid(), s)
 
 
 def _swap_in(save_dir, partial, new_pkl):

@@ -37,7 +37,7 @@ from concurrent.futures import ProcessPoolExecutor
 import numpy as np
 from PIL import Image, ImageDraw, ImageFilter
 
-from aligned_reid.prepare import signals_deferred
+from aligned_reid.signals import signals_deferred
 
 SUBDIRS = ('bounding_box_train', 'bounding_box_test', 'query', 'gt_bbox')
 
@@ -643,10 +643,7 @@ def render_market_tree(out_dir, num_train_ids=200, num_test_ids=200, ims_per_id_
             os.makedirs(os.path.join(partial, d))
         if workers > 1:
             pool = ProcessPoolExecutor(workers, initializer=_ignore_interrupts)
-            # The workers are forked at the first submit. A Ctrl-C raised inside os.fork's at-fork hooks is
-            # swallowed by Python, and one raised between logging's two hooks leaves its lock taken (the
-            # next getLogger, in a PIL import, hangs): the signal waits until the forks are done.
-            with signals_deferred():
+            with signals_deferred():          # the workers are forked at the first submit (see signals)
                 pool.submit(int)
             try:
                 list(pool.map(_render_job, jobs, chunksize=64))

@@ -210,3 +210,27 @@ def test_ctrl_c_of_a_prepare_script_is_one_line(tmp_path, delay):
     assert proc.returncode == 130, out + err
     assert err.strip() == 'error: ' + prepare_lib.INTERRUPTED
     assert not save.exists() or os.listdir(save) == []
+
+
+def test_a_ctrl_c_while_loader_workers_fork_comes_after_the_forks():
+    # signals.started: the SIGINT that arrives while iter(loader) forks its workers (here: during __iter__) is
+    # held until the iterator exists, then raised as a KeyboardInterrupt, as in a terminal (the runner may
+    # have been started with SIGINT ignored). Without the deferral it would interrupt the fork's hooks.
+    from aligned_reid import signals
+    previous = signal.signal(signal.SIGINT, signal.default_int_handler)
+    done = []
+
+    class Forking:
+        def __iter__(self):
+            os.kill(os.getpid(), signal.SIGINT)
+            time.sleep(0.05)                       # the handler would run here, inside the "fork"
+            done.append('forked')
+            return iter([1, 2])
+    try:
+        with pytest.raises(KeyboardInterrupt):
+            signals.started(Forking())
+        assert done == ['forked']
+        assert list(signals.started([3, 4])) == [3, 4]
+        assert signal.getsignal(signal.SIGINT) is signal.default_int_handler
+    finally:
+        signal.signal(signal.SIGINT, previous)
