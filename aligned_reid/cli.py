@@ -212,12 +212,13 @@ def explicit_dests(build_parser, argv):
 WRITE_ERRNOS = (errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EFBIG)
 
 
-def run_cli(main, parse_args, script, log_to_file=False, errors=(), interrupted=None):
+def run_cli(main, parse_args, script, log_to_file=False, errors=(), interrupted='interrupted'):
     """Runs `main(parse_args())`; a failure the user can fix (an unreadable image, a checkpoint that cannot be
     written, a folder without permission, a file (args.json, metrics, the log) that a full or read-only disk
     refuses, and the exception classes in `errors`) ends the script with one line '<script>: <message>'
     instead of a traceback (with `log_to_file`, also written to the run's log when it can be).
-    `interrupted`: the line that a Ctrl-C (KeyboardInterrupt) ends with, when the script says one."""
+    A Ctrl-C (KeyboardInterrupt) ends it with the line '<script>: <interrupted>' and exit status 130."""
+    code = 1
     try:
         main(parse_args())
         return
@@ -234,15 +235,16 @@ def run_cli(main, parse_args, script, log_to_file=False, errors=(), interrupted=
             raise
         message = 'cannot write {}: {}'.format(e.filename, e.strerror) if e.filename else str(e)
     except KeyboardInterrupt:
-        if interrupted is None:
-            raise
-        message = interrupted
+        message, code = interrupted, 130
     if log_to_file:
         try:
             log_error_to_file(message)
         except OSError:  # the log is on the disk that failed
             pass
-    raise SystemExit('{}: {}'.format(script, message))
+    if code == 1:
+        raise SystemExit('{}: {}'.format(script, message))
+    print('{}: {}'.format(script, message), file=sys.stderr)   # SystemExit(str) would exit 1
+    raise SystemExit(code)
 
 
 # ----------------------------------------------------------------------------- logging

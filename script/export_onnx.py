@@ -129,4 +129,5 @@ def main(args):
 
 
 if __name__ == '__main__':
-    cli.run_cli(main, parse_args, 'export_onnx.py', errors=(ValueError, FileNotFoundError))
+    cli.run_cli(main, parse_args, 'export_onnx.py', errors=(ValueError, FileNotFoundError),
+                interrupted='interrupted; --output is written only after the export passes its check')

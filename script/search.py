@@ -279,4 +279,5 @@ def main(args):
 
 
 if __name__ == '__main__':
-    cli.run_cli(main, parse_args, 'search.py', errors=(ValueError, FileNotFoundError))
+    cli.run_cli(main, parse_args, 'search.py', errors=(ValueError, FileNotFoundError),
+                interrupted='interrupted; --output is written whole once the search completes, or not at all')

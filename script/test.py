@@ -290,4 +290,5 @@ def main(args):
 
 
 if __name__ == '__main__':
-    cli.run_cli(main, parse_args, 'test.py', errors=(ValueError, FileNotFoundError))
+    cli.run_cli(main, parse_args, 'test.py', errors=(ValueError, FileNotFoundError),
+                interrupted='interrupted; metrics.json is written only once the evaluation completes')
