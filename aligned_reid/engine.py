@@ -534,11 +534,8 @@ def write_scalars(writer, stats, epoch, num_models=1):
 
 
 def shutdown(stop, writer):
-    """Restores the signal handlers, closes the tensorboard writer and leaves the process group. After a
-    requested stop the handler stays: the process is on its way out, and a Ctrl-C repeated meanwhile is the
-    same request (the default handler would end the exit with a KeyboardInterrupt instead of status 130)."""
-    if not stop.requested:
-        stop.uninstall()
+    """Restores the signal handlers, closes the tensorboard writer and leaves the process group."""
+    stop.uninstall()
     if writer is not None:
         writer.close()
     distributed.cleanup_distributed()
