@@ -160,15 +160,14 @@ def re_ranking_features(q_feats, g_feats, distance='global', k1=20, k2=6, lambda
     def pairs(i, j):
         out = torch.empty(len(i), dtype=torch.float32, device=dev)
         if 'factors' in held:
-            left, right = held['factors']
+            (left, right), norms = held['factors'], held['norms']
             C = left.shape[1] - 2
             step = max(1, _PAIR_BUDGET * 2 // left.shape[1])  # gathered rows: 4 MB a side
             for s in range(0, len(i), step):
                 ii, jj = i[s:s + step], j[s:s + step]
-                a = left.index_select(0, jj)
-                sq = a[:, C] + left[:, C].index_select(0, ii)     # |x|^2 + |y|^2
+                sq = norms.index_select(0, jj) + norms.index_select(0, ii)   # |x|^2 + |y|^2
                 d2 = out[s:s + step]
-                torch.sum(a.mul_(right.index_select(0, ii)), 1, out=d2)
+                torch.sum(left.index_select(0, jj).mul_(right.index_select(0, ii)), 1, out=d2)
                 exact_near_pairs(d2, sq, lambda p: (left[jj[p], :C] - left[ii[p], :C]).pow_(2).sum(1))
             out.clamp_min_(0.)
         else:

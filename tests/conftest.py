@@ -118,6 +118,18 @@ def _train_script():
     return load_script('script', 'train')
 
 
+def main_with_fit(script, argv, fit):
+    """Runs a training script's main(argv) in this process with aligned_reid.engine.fit, the epoch loop,
+    replaced by `fit` (called with fit's arguments): what main hands to the loop, without training."""
+    from aligned_reid import engine
+    mp = pytest.MonkeyPatch()
+    mp.setattr(engine, 'fit', fit)
+    try:
+        script.main(script.parse_args(argv))
+    finally:
+        mp.undo()
+
+
 def train_in_process(argv, compute=None):
     """Runs train.py's main in this process; returns the per-step losses its loss function (`compute`,
     default loss.compute_losses) produced."""

@@ -1,14 +1,13 @@
 """Tests of the models' initialisation in aligned_reid.engine.build_model: a function of the seed and the
 model index alone, whatever the input pipeline drew before it; train_ml.py's model 1 starts where train.py's
 model does; model 2 from its own generator."""
-import os
 
 import pytest
 import torch
 
 from aligned_reid import engine
 from aligned_reid.model import Model
-from conftest import load_script
+from conftest import load_script, main_with_fit
 
 train = load_script('script', 'train')
 train_ml = load_script('script', 'train_ml')
@@ -31,12 +30,7 @@ def initial_weights(script, partitions, exp_dir, *flags):
     argv = ['--train_partitons', partitions, '--exp_dir', str(exp_dir), '--base_model', 'resnet18',
             '--pretrained', 'false', '--resize_h_w', '32', '16', '--ids_per_batch', '2', '--ims_per_id', '2',
             '--total_epochs', '1', '--final_test', 'false', '--device', 'cpu', '--workers', '0'] + list(flags)
-    mp = pytest.MonkeyPatch()
-    mp.setattr(engine, 'fit', fit)
-    try:
-        script.main(script.parse_args(argv))
-    finally:
-        mp.undo()
+    main_with_fit(script, argv, fit)
     return seen
 
 

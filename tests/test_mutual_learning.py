@@ -6,9 +6,8 @@ import math
 import pytest
 import torch
 
-from aligned_reid import engine
 from aligned_reid.loss import compute_losses, mutual_learning_losses
-from conftest import load_script, parse_error
+from conftest import load_script, main_with_fit, parse_error
 
 train_ml = load_script('script', 'train_ml')
 
@@ -38,12 +37,7 @@ def first_step(partitions, exp_dir, *flags):
             '--pretrained', 'false', '--resize_h_w', '32', '16', '--ids_per_batch', '3', '--ims_per_id', '2',
             '--total_epochs', '1', '--final_test', 'false', '--device', 'cpu', '--workers', '0',
             '-glw', '1', '-llw', '0', '-idlw', '0', '-pmlw', '0', '-gdmlw', '1', '-ldmlw', '0'] + list(flags)
-    mp = pytest.MonkeyPatch()
-    mp.setattr(engine, 'fit', fit)
-    try:
-        train_ml.main(train_ml.parse_args(argv))
-    finally:
-        mp.undo()
+    main_with_fit(train_ml, argv, fit)
     return seen['models'], seen['results']
 
 
